@@ -149,7 +149,7 @@ class BackgroundAnnotation:
 def background_sample(key: str, image_bytes: bytes, image_ext: str, *, image_id: int,
                       file_name: str, width: int, height: int,
                       annotations: list[BackgroundAnnotation], neg_category_ids: list[int],
-                      not_exhaustive_category_ids: list[int]) -> dict:
+                      not_exhaustive_category_ids: list[int], repeat_factor: float = 1.0) -> dict:
     """A real training image with its annotations; image bytes are stored as they were."""
     if image_ext not in BACKGROUND_IMAGE_EXTS:
         raise FormatError(f"{file_name}: background image extension {image_ext!r} not in "
@@ -158,7 +158,8 @@ def background_sample(key: str, image_bytes: bytes, image_ext: str, *, image_id:
             "width": int(width), "height": int(height), "num_annotations": len(annotations),
             "category_ids": sorted({a.category_id for a in annotations}),
             "neg_category_ids": sorted(int(c) for c in neg_category_ids),
-            "not_exhaustive_category_ids": sorted(int(c) for c in not_exhaustive_category_ids)}
+            "not_exhaustive_category_ids": sorted(int(c) for c in not_exhaustive_category_ids),
+            "repeat_factor": round(float(repeat_factor), 6)}
     anns = [{"id": a.id, "category_id": a.category_id, "bbox": list(a.bbox), "area": a.area,
              "iscrowd": a.iscrowd, "segmentation": a.rle} for a in annotations]
     return {"__key__": check_key(key), image_ext: image_bytes, "json": json_bytes(meta),

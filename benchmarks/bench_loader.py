@@ -1,0 +1,124 @@
+"""Loader throughput side by side with copy-paste baselines; one command:
+
+    python benchmarks/bench_loader.py            # CPU; adds GPU rows when CUDA is available
+
+On CPU, images/s at 640 LSJ with U{0..19} pastes of (per core in brackets):
+  loader (DALI CPU pipeline) | (a) per-image original-style copy-paste | (b) batch torch
+  copy-paste | (c) decode-only DALI pipeline (the ceiling).
+On a GPU also the loader and decode-only at 640 and 1024, with the ratio.
+Writes benchmarks/results/loader-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loader_baselines import BatchTorchCopyPaste, PerImageCopyPaste  # noqa: E402
+
+from xpaste_stream.loader import CopyPasteLoader, PasteConfig  # noqa: E402
+from xpaste_stream.loader.bench import (  # noqa: E402
+    device_name,
+    measure_decode_only,
+    measure_loader,
+)
+from xpaste_stream.loader.cli import demo_data  # noqa: E402
+
+
+def baselines(backgrounds, bank, paste: PasteConfig, batch_size: int, batches: int) -> dict:
+    """(a) per-image and (b) batch-torch copy-paste, single-threaded, on the loader's plans."""
+    torch.set_num_threads(1)
+    planner = CopyPasteLoader(backgrounds, bank, paste, batch_size=batch_size, num_threads=1)
+    work = planner.planned_batches(batches)
+    per_image, batch_torch = PerImageCopyPaste(paste), BatchTorchCopyPaste(paste)
+    images = sum(len(bgs) for bgs, _, _ in work)
+
+    started = time.perf_counter()
+    for bgs, plan, payloads in work:
+        for i, bg in enumerate(bgs):
+            per_image(bg, plan, i, payloads[i])
+    per_image_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    for bgs, plan, payloads in work:
+        batch_torch(bgs, plan, payloads)
+    batch_s = time.perf_counter() - started
+    # both exclude reading and planning (done above), which the loader's figure includes
+    return {"per_image_original": {"images_per_s": images / per_image_s, "images": images, "cores": 1},
+            "batch_torch": {"images_per_s": images / batch_s, "images": images, "cores": 1}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="./runs/bench-loader")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=6, help="timed batches per CPU measurement")
+    parser.add_argument("--gpu-batches", type=int, default=50)
+    parser.add_argument("--backgrounds", help="background shards (default: make_demo_data's)")
+    parser.add_argument("--bank", help="instance bank folder (with --backgrounds)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+
+    if args.backgrounds and args.bank:
+        backgrounds, bank, source = args.backgrounds, args.bank, args.backgrounds
+    else:
+        data = demo_data(args.workdir)
+        backgrounds, bank, source = data["backgrounds"], data["bank"], "make_demo_data procedural set"
+    cores = os.cpu_count() or 1
+    paste = PasteConfig(output_size=640)
+    figures: dict = {}
+    print(f"CPU, {cores} cores, 640 LSJ, U{{0..19}} pastes, batch {args.batch_size}")
+    figures["cpu_640"] = {
+        "loader": {**measure_loader(backgrounds, bank, paste, args.batch_size, args.batches, None,
+                                    cores), "cores": cores},
+        "decode_only": {**measure_decode_only(backgrounds, args.batch_size, args.batches, None, cores),
+                        "cores": cores},
+        **baselines(backgrounds, bank, paste, args.batch_size, max(2, args.batches // 2)),
+    }
+    for f in figures["cpu_640"].values():
+        f["images_per_s_per_core"] = f["images_per_s"] / f["cores"]
+    cpu = figures["cpu_640"]
+    ratios = {"cpu_loader_vs_per_image_per_core": cpu["loader"]["images_per_s_per_core"]
+              / cpu["per_image_original"]["images_per_s_per_core"],
+              "cpu_loader_vs_batch_torch_per_core": cpu["loader"]["images_per_s_per_core"]
+              / cpu["batch_torch"]["images_per_s_per_core"],
+              "cpu_loader_vs_decode_only": cpu["loader"]["images_per_s"] / cpu["decode_only"]["images_per_s"]}
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = device_name(0)
+        for size in (640, 1024):
+            gpu_paste = PasteConfig(output_size=size)
+            loader = measure_loader(backgrounds, bank, gpu_paste, 32, args.gpu_batches, 0, cores)
+            ceiling = measure_decode_only(backgrounds, 32, args.gpu_batches, 0, cores)
+            figures[f"gpu_{size}"] = {"loader": loader, "decode_only": ceiling}
+            ratios[f"gpu_{size}_loader_vs_decode_only"] = loader["images_per_s"] / ceiling["images_per_s"]
+    result = {"device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "settings": {"output_size_cpu": 640, "pastes": "U{0..19}", "blending": "hard",
+                           "batch_size_cpu": args.batch_size, "timed_batches_cpu": args.batches,
+                           "cpu_cores": cores, "data": source,
+                           "baselines": "single-threaded, exclude reading/planning (given the "
+                                        "loader's plans); the loader's figure includes them"},
+              "figures": figures, "ratios": ratios}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"loader-{device}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    for name, f in figures.items():
+        for what, v in f.items():
+            print(f"{name:8s} {what:20s} {v['images_per_s']:8.1f} images/s")
+    for name, v in ratios.items():
+        print(f"{name}: {v:.2f}")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

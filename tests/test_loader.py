@@ -1,0 +1,303 @@
+"""The copy-paste loader on CPU with the real DALI pipeline, against the numpy reference."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from test_loader_fixtures import (
+    OBJECT_COLOURS,
+    background,
+    default_backgrounds,
+    make_dataset,
+    write_backgrounds,
+    write_bank,
+    write_categories,
+)
+
+from xpaste_stream.bank import InstanceBank
+from xpaste_stream.config import ConfigError, from_dict
+from xpaste_stream.loader import CopyPasteLoader, LoaderError, PasteConfig, to_detectron2
+from xpaste_stream.loader.plan import CategoryStats
+from xpaste_stream.loader.reference import Paste, composite, pastes_of
+from xpaste_stream.loader.sources import looks_like_jpeg
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("loader")))
+
+
+def small(**kw) -> PasteConfig:
+    return PasteConfig(**{"output_size": 128, "max_pastes": 6, **kw})
+
+
+def epoch(loader) -> list:
+    return list(loader)
+
+
+def assert_matches_reference(batch, paste: PasteConfig) -> int:
+    """Every image and target of the batch equals the reference on the same placements."""
+    checked = 0
+    for i, target in enumerate(batch.targets):
+        image, ref = composite(batch.debug["backgrounds"][i], batch.debug["real_masks"][i],
+                               batch.debug["real_labels"][i], pastes_of(batch, i), paste)
+        np.testing.assert_array_equal(batch.images[i].permute(1, 2, 0).numpy(), image)
+        np.testing.assert_array_equal(target["masks"].numpy(), ref["masks"])
+        np.testing.assert_array_equal(target["boxes"].numpy(), ref["boxes"])
+        np.testing.assert_array_equal(target["labels"].numpy(), ref["labels"])
+        np.testing.assert_array_equal(target["source"].numpy(), ref["source"])
+        checked += len(ref["labels"])
+    return checked
+
+
+@pytest.mark.parametrize("blending", ["hard", "alpha"])
+def test_matches_reference(dataset, blending):
+    urls, bank = dataset
+    paste = small(blending=blending, max_pastes=8)
+    loader = CopyPasteLoader(urls, bank, paste, batch_size=4, num_threads=2, debug=True, seed=3)
+    batches = epoch(loader)
+    assert sum(len(b.targets) for b in batches) == 10
+    objects = sum(assert_matches_reference(b, paste) for b in batches)
+    sources = np.concatenate([t["source"].numpy() for b in batches for t in b.targets])
+    assert objects > 20 and 0 < sources.mean() < 1  # real and pasted objects both present
+    for b in batches:
+        for t in b.targets:
+            assert t["boxes"].dtype.is_floating_point and t["labels"].dtype == __import__("torch").int64
+            assert t["masks"].shape[1:] == (128, 128)
+
+
+def test_lsj_keeps_masks_on_their_pixels(dataset):
+    """No pastes: every real mask sits on its object's colour after resize, crop and flip
+    (objects are drawn in file order, so a later object hides an earlier one's colour)."""
+    urls, bank = dataset
+    loader = CopyPasteLoader(urls, bank, small(max_pastes=0, scale_range=(0.5, 1.5)),
+                             batch_size=5, debug=True)
+    seen = 0
+    for b in loader:
+        for i, t in enumerate(b.targets):
+            img = b.images[i].permute(1, 2, 0).numpy().astype(int)
+            np.testing.assert_array_equal(img, b.debug["backgrounds"][i])
+            assert (t["source"] == 0).all()
+            masks = t["masks"].numpy().astype(bool)
+            for j, (m, c) in enumerate(zip(masks, t["labels"].tolist(), strict=True)):
+                m = m & ~masks[j + 1:].any(0)
+                inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+                pix = img[1:-1, 1:-1][inner]
+                if len(pix):
+                    close = np.abs(pix - OBJECT_COLOURS[c]).max(1) <= 40
+                    assert close.mean() > 0.95
+                    seen += 1
+    assert seen > 5
+
+
+@pytest.fixture(scope="module")
+def edge_case_data(tmp_path_factory):
+    """One 160x160 background with six objects laid out for the occlusion rules."""
+    root = str(tmp_path_factory.mktemp("edges"))
+    objects = [(1, 10, 5, 20, 15),     # A: fully covered by a paste
+               (2, 60, 5, 40, 40),     # B: partly covered, 1000 px remain
+               (1, 10, 50, 20, 10),    # C1: box moves exactly 10 px, 100 px remain -> kept
+               (2, 50, 70, 20, 10),    # C2: box moves 11 px, 90 px remain -> dropped
+               (3, 10, 90, 54, 7),     # D1: box moves 11 px, 301 px remain -> kept
+               (1, 10, 110, 61, 6)]    # D2: box moves 11 px, 300 px remain -> dropped
+    bg_dir = os.path.join(root, "bg")
+    os.makedirs(bg_dir)
+    urls = write_backgrounds(bg_dir, [background(7, 160, 160, objects)])
+    write_categories(bg_dir, {1: (0.2, 0.05), 2: (0.2, 0.05), 3: (0.2, 0.05)})
+    return urls, write_bank(root)
+
+
+# (y, x, h, w) of each paste; P8 overlaps P1's corner, P7 hangs over the top-right border.
+EDGE_PASTES = [(0, 5, 25, 30), (0, 85, 50, 25), (45, 20, 20, 20), (66, 59, 18, 21),
+               (86, 53, 14, 17), (104, 60, 18, 20), (-10, 150, 30, 30), (0, 0, 10, 12)]
+
+
+def fixed_placements(bank_dir: str):
+    rect = int(InstanceBank.open(bank_dir).instances_of(1)[0])  # instance 0: a full rectangle
+
+    def hook(plan):
+        k = len(EDGE_PASTES)
+        plan.ids[:] = -1
+        plan.ids[:, :k] = rect
+        plan.labels[:, :k] = 1
+        plan.pos[:, :k] = [(y, x) for y, x, _, _ in EDGE_PASTES]
+        plan.size[:, :k] = [(h, w) for _, _, h, w in EDGE_PASTES]
+        plan.flip[:] = False
+        return plan
+    return hook
+
+
+def test_occlusion_rules_on_fixed_placements(edge_case_data):
+    urls, bank = edge_case_data
+    paste = PasteConfig(output_size=160, scale_range=(1.0, 1.0), hflip_prob=0.0, max_pastes=10)
+    loader = CopyPasteLoader(urls, bank, paste, batch_size=1, debug=True,
+                             plan_hook=fixed_placements(bank))
+    (batch,) = epoch(loader)
+    assert_matches_reference(batch, paste)
+    t = batch.targets[0]
+    real = t["source"] == 0
+    real_boxes = t["boxes"][real].tolist()
+    real_area = t["masks"][real].flatten(1).sum(1).tolist()
+    # A, C2 and D2 are dropped; B, C1, D1 kept with cleared masks and recomputed boxes
+    assert real_boxes == [[60, 5, 85, 45], [10, 50, 20, 60], [10, 90, 53, 97]]
+    assert real_area == [1000, 100, 301]
+    pasted = t["boxes"][~real].tolist()
+    assert len(pasted) == 8
+    assert pasted[0] == [5, 0, 35, 25]          # P1 keeps its box: only its corner is covered
+    assert pasted[6] == [150, 0, 160, 20]       # border paste cut to the canvas
+    assert t["masks"][~real][0].sum() == 25 * 30 - 10 * 7  # P8 cleared P1's corner
+    assert t["image_id"] == 7
+
+
+def test_zero_pastes_and_empty_background(dataset):
+    urls, bank = dataset
+    loader = CopyPasteLoader(urls, bank, small(max_pastes=0), batch_size=10, debug=True,
+                             shuffle=False)
+    (batch,) = epoch(loader)
+    assert not batch.plan.active.any()
+    by_id = {t["image_id"]: t for t in batch.targets}
+    assert len(by_id[0]["labels"]) == 0 and by_id[0]["masks"].shape == (0, 128, 128)
+    assert_matches_reference(batch, small(max_pastes=0))
+
+
+def test_empty_background_gets_only_pastes(dataset):
+    urls, bank = dataset
+    loader = CopyPasteLoader(urls, bank, small(min_pastes=3, max_pastes=3), batch_size=10,
+                             shuffle=False)
+    (batch,) = epoch(loader)
+    empty = next(t for t in batch.targets if t["image_id"] == 0)
+    assert len(empty["source"]) > 0 and (empty["source"] == 1).all()
+
+
+def test_category_missing_from_bank_and_without_stats(dataset):
+    """categories.json lists 4 (no instances in the bank) and 3 (no statistics)."""
+    urls, bank = dataset
+    loader = CopyPasteLoader(urls, bank, small(min_pastes=6), batch_size=5)
+    labels = set()
+    for b in loader:
+        labels |= set(b.plan.labels[b.plan.active].tolist())
+    assert labels <= {1, 2, 3} and 3 in labels
+    stats = CategoryStats(loader.categories_doc, loader.paste)
+    mean, std = stats.lookup(np.array([3, 2]))
+    assert mean.tolist() == [0.2, 0.3] and std.tolist() == [0.1, 0.1]
+
+
+def test_same_seed_same_batches(dataset):
+    urls, bank = dataset
+
+    def run(seed):
+        loader = CopyPasteLoader(urls, bank, small(), batch_size=4, seed=seed)
+        return [(b.images.numpy(), b.plan.ids, [t["boxes"].numpy() for t in b.targets])
+                for b in epoch(loader)]
+
+    a, b, c = run(1), run(1), run(2)
+    for (ia, pa, ba), (ib, pb, bb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(pa, pb)
+        for x, y in zip(ba, bb, strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c, strict=True))
+
+
+def test_two_ranks_disjoint_and_covering(dataset):
+    urls, bank = dataset
+    seen = []
+    for rank in range(2):
+        loader = CopyPasteLoader(urls, bank, small(max_pastes=1), batch_size=3, rank=rank,
+                                 world_size=2)
+        per_epoch = [[t["image_id"] for b in epoch(loader) for t in b.targets] for _ in range(2)]
+        assert [len(ids) for ids in per_epoch] == [loader.epoch_size(0), loader.epoch_size(1)]
+        seen.append(per_epoch)
+    for e in range(2):
+        r0, r1 = set(seen[0][e]), set(seen[1][e])
+        assert not r0 & r1 and r0 | r1 == set(range(10))
+        assert len(seen[0][e]) == len(r0)
+
+
+def test_corrupt_background_skipped_and_counted(tmp_path):
+    samples = default_backgrounds(6)
+    samples[2]["png"] = samples[2]["png"][:200]          # truncated
+    samples[4]["png"] = b"\x89PNG not an image at all" * 4  # garbage
+    bg_dir = tmp_path / "bg"
+    bg_dir.mkdir()
+    urls = write_backgrounds(str(bg_dir), samples)
+    write_categories(str(bg_dir), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    loader = CopyPasteLoader(urls, write_bank(str(tmp_path)), small(), batch_size=4)
+    ids = [t["image_id"] for b in epoch(loader) for t in b.targets]
+    assert sorted(ids) == [0, 1, 3, 5]
+    assert loader.stats()["backgrounds_corrupt"] == 2
+
+
+def test_corrupt_instances_redrawn_and_counted(tmp_path):
+    bg_dir = tmp_path / "bg"
+    bg_dir.mkdir()
+    urls = write_backgrounds(str(bg_dir), default_backgrounds(8))
+    write_categories(str(bg_dir), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    bank = write_bank(str(tmp_path), per_category=2, corrupt=3)
+    opened = InstanceBank.open(bank)
+    corrupt_ids = {i for i in range(opened.num_instances) if not looks_like_jpeg(opened.read(i)["jpg"])}
+    assert len(corrupt_ids) == 3
+    loader = CopyPasteLoader(urls, bank, small(min_pastes=6, max_pastes=6), batch_size=4)
+    used = set()
+    for b in loader:
+        used |= set(b.plan.ids[b.plan.active].tolist())
+    assert used and not used & corrupt_ids
+    assert loader.stats()["instances_corrupt"] > 0
+
+
+def test_mismatched_bank_refused(tmp_path):
+    bg_dir = tmp_path / "bg"
+    bg_dir.mkdir()
+    urls = write_backgrounds(str(bg_dir), default_backgrounds(2))
+    write_categories(str(bg_dir), {1: (0.2, 0.05), 2: (0.3, 0.1)})
+    bank = write_bank(str(tmp_path), categories=(1, 2, 7))
+    with pytest.raises(LoaderError, match="categories that .* does not list .*7"):
+        CopyPasteLoader(urls, bank, small())
+
+
+def test_gaussian_blending_changes_edges_only(dataset):
+    urls, bank = dataset
+    hard, soft = (next(iter(CopyPasteLoader(urls, bank, small(blending=m), batch_size=4, seed=5)))
+                  for m in ("hard", "gaussian"))
+    for th, ts in zip(hard.targets, soft.targets, strict=True):
+        np.testing.assert_array_equal(th["masks"].numpy(), ts["masks"].numpy())
+    diff = (hard.images.int() - soft.images.int()).abs().amax(1)
+    assert diff.any()
+    pasted = sum(t["masks"][t["source"] == 1].sum(0) for t in hard.targets)
+    assert diff.sum() > 0 and pasted.sum() > 0
+
+
+def test_reference_places_crops_at_the_border():
+    bg = np.zeros((8, 8, 3), np.uint8)
+    crop = np.full((4, 4, 4), 255, np.uint8)
+    image, t = composite(bg, np.zeros((0, 8, 8)), [], [Paste(crop, -2, 6, 5)], PasteConfig(output_size=8))
+    assert t["boxes"].tolist() == [[6, 0, 8, 2]] and image[:2, 6:].min() == 255 and image.sum() == 255 * 12
+
+
+def test_config_validation_and_from_dict():
+    cfg = from_dict(PasteConfig, {"output_size": 640, "scale_range": [0.1, 2.0], "blending": "alpha"})
+    assert cfg.scale_range == (0.1, 2.0) and cfg.slots == 19
+    for bad in ({"output_size": 0}, {"scale_range": [2.0, 1.0]}, {"max_pastes": 300},
+                {"blending": "soft"}, {"hflip_prob": 1.5}):
+        with pytest.raises(ConfigError):
+            from_dict(PasteConfig, bad)
+    with pytest.raises(ValueError):
+        PasteConfig(min_pastes=5, max_pastes=2).validate()
+
+
+def test_detectron2_adapter_explains_when_missing(dataset):
+    pytest.importorskip("torch")
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        urls, bank = dataset
+        batch = next(iter(CopyPasteLoader(urls, bank, small(), batch_size=2)))
+        with pytest.raises(ImportError, match="detectron2 is not installed; install it from https://github.com/facebookresearch/detectron2"):
+            to_detectron2(batch)
+    else:
+        urls, bank = dataset
+        batch = next(iter(CopyPasteLoader(urls, bank, small(), batch_size=2)))
+        out = to_detectron2(batch)
+        assert len(out) == 2 and len(out[0]["instances"]) == len(batch.targets[0]["labels"])

@@ -1,0 +1,200 @@
+"""Build or update an instance bank from instance shards.
+
+1. Identify every shard (path, size, mtime). Shards the previous bank in `out_dir` indexed with
+   the same identity are reused from its columns; only new or changed shards are read.
+2. Read those shards in parallel (a process pool, one shard per task) with `scan_shard`.
+3. With dedup, mark instances whose image hash equals an earlier one of the same category
+   ("earlier" = shard order given, then file order), so a rebuild from scratch and an
+   incremental update keep exactly the same instances.
+4. Sort rows by (duplicate, category, shard, offset): the kept instances of a category form one
+   contiguous id range (O(1) draws, reads in file order), duplicates follow all kept instances.
+5. Remove the old manifest, write the columns, then the new manifest, then stats.json: a build
+   interrupted while writing leaves a folder that is not a bank, never a manifest describing
+   columns it does not match.
+
+The bank indexes exactly the shards given: a shard of the previous bank not given is dropped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import sources
+from .layout import (
+    BANK_SCHEMA,
+    CATEGORY_FILES,
+    COLUMNS,
+    HASH_COLUMN,
+    MANIFEST,
+    STATS,
+    BankError,
+    bank_bytes,
+    column_path,
+    read_manifest,
+    write_array,
+    write_json,
+)
+from .tarscan import ROW_DTYPE, ShardScan, scan_shard
+
+DEDUP_METHOD = "dhash64-exact-per-category"
+
+
+def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool = False,
+                progress: bool = True) -> dict:
+    """Index instance shards into the bank folder `out_dir`; return a summary dict.
+
+    Rerunning with more shards reads only the new ones. A truncated shard is indexed up to its
+    last whole sample and listed under "truncated"; a missing shard raises BankError.
+    """
+    started = time.time()
+    paths = list(dict.fromkeys(sources.normalise(s) for s in shards))
+    if not paths:
+        raise BankError("no shards to index")
+    identities = [sources.identity(p) for p in paths]
+    previous = _previous_rows(out_dir, need_hashes=dedup)
+    reused = {i: previous[ident["path"]] for i, ident in enumerate(identities)
+              if ident["path"] in previous and sources.same_identity(previous[ident["path"]][0], ident)}
+    to_read = [i for i in range(len(paths)) if i not in reused]
+    scans = _scan_all([paths[i] for i in to_read], workers, dedup, progress)
+
+    table, per_shard = [], []
+    for i, ident in enumerate(identities):
+        if i in reused:
+            entry, rows = reused[i]
+            truncated = entry["truncated"]
+        else:
+            scan = scans[paths[i]]
+            rows = scan.rows
+            truncated = None if scan.truncated is None else {"error": scan.truncated,
+                                                             "samples": len(rows)}
+        table.append({**ident, "instances": len(rows), "truncated": truncated})
+        per_shard.append(rows)
+
+    rows, shard = _concat(per_shard)
+    duplicate = _find_duplicates(rows, shard) if dedup else np.zeros(len(rows), bool)
+    order = np.lexsort((rows["jpg_block"], shard, rows["category"], duplicate))
+    num_kept = int(len(rows) - duplicate.sum())
+    os.makedirs(out_dir, exist_ok=True)
+    _remove(os.path.join(out_dir, MANIFEST))  # an interrupted write then leaves no stale manifest
+    categories, starts = _write_columns(out_dir, rows[order], shard[order], num_kept, dedup)
+    manifest = _manifest(table, len(rows), num_kept, len(categories), dedup)
+    write_json(os.path.join(out_dir, MANIFEST), manifest)
+
+    summary = {"bank": os.path.abspath(out_dir), "instances": num_kept, "indexed": len(rows),
+               "duplicates_dropped": len(rows) - num_kept, "categories": len(categories),
+               "shards": len(table), "shards_read": [paths[i] for i in to_read],
+               "shards_reused": len(reused),
+               "truncated": [{"shard": e["path"], **e["truncated"]} for e in table if e["truncated"]],
+               "seconds": round(time.time() - started, 3)}
+    per_category = dict(zip(categories.tolist(), np.diff(starts).tolist(), strict=True))
+    stats = {**summary, "shards_read": len(to_read), "instances_per_category": per_category}
+    write_json(os.path.join(out_dir, STATS), stats)
+    summary["bytes_per_instance"] = round(bank_bytes(out_dir) / max(1, len(rows)), 2)
+    return summary
+
+
+def _previous_rows(out_dir: str, need_hashes: bool) -> dict[str, tuple[dict, np.ndarray]]:
+    """Rows of each shard of an existing bank, in file order, keyed by shard path."""
+    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
+        return {}
+    manifest = read_manifest(out_dir)
+    has_hashes = manifest["dedup"]["enabled"]
+    if need_hashes and not has_hashes:
+        return {}
+    columns = {name: np.load(column_path(out_dir, name)) for name in COLUMNS}
+    if any(len(c) != manifest["num_indexed"] for c in columns.values()):
+        return {}  # columns that do not match the manifest: read everything again
+    shard = columns.pop("shard")
+    rows = np.zeros(len(shard), ROW_DTYPE)
+    for name, values in columns.items():
+        rows[name] = values
+    if has_hashes:
+        rows["dhash"] = np.load(column_path(out_dir, HASH_COLUMN))
+    order = np.lexsort((rows["jpg_block"], shard))
+    bounds = np.searchsorted(shard[order], np.arange(len(manifest["shards"]) + 1))
+    return {entry["path"]: (entry, rows[order[bounds[j]:bounds[j + 1]]])
+            for j, entry in enumerate(manifest["shards"])}
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def _scan_all(paths: list[str], workers: int, dedup: bool, progress: bool) -> dict[str, ShardScan]:
+    bar = tqdm(total=len(paths), desc="index shards", unit="shard", disable=not progress)
+    tasks = [(p, dedup) for p in paths]
+    scans = {}
+    if workers <= 1 or len(paths) <= 1:
+        for task in tasks:
+            scan = _scan_task(task)
+            scans[scan.url] = scan
+            bar.update()
+    else:
+        with multiprocessing.get_context().Pool(min(workers, len(paths))) as pool:
+            for scan in pool.imap_unordered(_scan_task, tasks):
+                scans[scan.url] = scan
+                bar.update()
+    bar.close()
+    return scans
+
+
+def _scan_task(task: tuple[str, bool]) -> ShardScan:
+    url, dedup = task
+    return scan_shard(url, hash_images=dedup)
+
+
+def _concat(per_shard: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.concatenate(per_shard) if per_shard else np.zeros(0, ROW_DTYPE)
+    shard = np.repeat(np.arange(len(per_shard), dtype=np.uint32), [len(r) for r in per_shard])
+    return rows, shard
+
+
+def _find_duplicates(rows: np.ndarray, shard: np.ndarray) -> np.ndarray:
+    """True for an instance whose hash equals that of an earlier instance of its category."""
+    position = np.empty(len(rows), np.int64)
+    position[np.lexsort((rows["jpg_block"], shard))] = np.arange(len(rows))
+    order = np.lexsort((position, rows["dhash"], rows["category"]))
+    cat, dhash = rows["category"][order], rows["dhash"][order]
+    repeats = np.zeros(len(rows), bool)
+    repeats[1:] = (cat[1:] == cat[:-1]) & (dhash[1:] == dhash[:-1])
+    duplicate = np.zeros(len(rows), bool)
+    duplicate[order[repeats]] = True
+    return duplicate
+
+
+def _write_columns(out_dir: str, rows: np.ndarray, shard: np.ndarray, num_kept: int,
+                   dedup: bool) -> tuple[np.ndarray, np.ndarray]:
+    write_array(column_path(out_dir, "shard"), shard)
+    for name, dtype in COLUMNS.items():
+        if name != "shard":
+            write_array(column_path(out_dir, name), rows[name].astype(dtype))
+    if dedup:
+        write_array(column_path(out_dir, HASH_COLUMN), rows["dhash"])
+    else:
+        _remove(column_path(out_dir, HASH_COLUMN))
+    kept_categories = rows["category"][:num_kept]
+    categories, first = np.unique(kept_categories, return_index=True)
+    starts = np.append(first, num_kept).astype(np.int64)
+    write_array(column_path(out_dir, CATEGORY_FILES[0]), categories.astype(np.int32))
+    write_array(column_path(out_dir, CATEGORY_FILES[1]), starts)
+    return categories, starts
+
+
+def _manifest(table: list[dict], num_indexed: int, num_kept: int, num_categories: int,
+              dedup: bool) -> dict:
+    columns = {name: np.dtype(dtype).name for name, dtype in COLUMNS.items()}
+    if dedup:
+        columns[HASH_COLUMN] = "uint64"
+    return {"schema": BANK_SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "num_instances": num_kept, "num_indexed": num_indexed,
+            "num_duplicates": num_indexed - num_kept, "num_categories": num_categories,
+            "dedup": {"enabled": dedup, "method": DEDUP_METHOD if dedup else None,
+                      "dropped": num_indexed - num_kept},
+            "block_size": 512, "columns": columns, "shards": table,
+            "truncated": [e["path"] for e in table if e["truncated"]]}

@@ -1,0 +1,46 @@
+"""`xpaste-stream index SHARDS... -o BANK`: build or update an instance bank."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import urls
+from .build import build_index
+from .layout import STATS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "index", help="index instance shards into a bank (category -> shard, offset, size)",
+        description="Build or update an instance bank. Rerunning with more shards reads only the "
+                    "new or changed ones; a truncated shard is indexed up to its last whole sample.")
+    p.add_argument("shards", nargs="+", metavar="SHARDS",
+                   help="instance shards: paths, brace patterns ({000000..000099}) or globs")
+    p.add_argument("-o", "--output", required=True, metavar="BANK", help="bank folder")
+    p.add_argument("--workers", type=int, default=2, help="processes reading shards (default 2)")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop near-duplicate images per category (decodes each jpg once to hash it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_index)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    shards = urls.expand(args.shards)
+    summary = build_index(shards, args.output, workers=args.workers, dedup=args.dedup,
+                          progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"bank {summary['bank']}: {summary['instances']:,} instances in "
+             f"{summary['categories']:,} categories from {summary['shards']:,} shards "
+             f"({len(summary['shards_read'])} read, {summary['shards_reused']} reused) "
+             f"in {summary['seconds']:.1f} s, {summary['bytes_per_instance']} bytes/instance"]
+    if summary["duplicates_dropped"]:
+        lines.append(f"  near-duplicates dropped: {summary['duplicates_dropped']:,}")
+    for t in summary["truncated"]:
+        lines.append(f"  truncated: {t['shard']} ({t['samples']} whole samples kept; {t['error']})")
+    lines.append(f"  stats: {os.path.join(summary['bank'], STATS)}")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Shard files as the bank sees them: an identity (size, mtime) and ranged reads.
+
+Local and NFS paths are read with `os.pread` (no seek state, safe to share between threads).
+fsspec URLs (s3://, gs://, memory://, ...) are read with `fs.cat_file(path, start, end)`, one
+ranged request per read; their identity is the size plus the ETag when the store reports one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import urls
+from .layout import BankError
+
+
+def normalise(url: str) -> str:
+    """Local paths become absolute, so a bank works from any working directory."""
+    return url if urls.is_remote(url) else os.path.abspath(urls.local_path(url))
+
+
+def identity(url: str) -> dict:
+    """What must stay equal for the bank's offsets into a shard to remain valid."""
+    if urls.is_remote(url):
+        info = _remote_info(url)
+        return {"path": url, "size": int(info["size"]), "mtime_ns": None, "etag": _etag(info)}
+    try:
+        st = os.stat(url)
+    except FileNotFoundError:
+        raise BankError(f"shard {url} not found") from None
+    return {"path": url, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "etag": None}
+
+
+def same_identity(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("path", "size", "mtime_ns", "etag"))
+
+
+def check_unchanged(entry: dict, found: dict) -> None:
+    """Raise naming the shard when it no longer is the file the bank indexed."""
+    if same_identity(entry, found):
+        return
+    changes = ", ".join(f"{k} {entry.get(k)} -> {found.get(k)}" for k in ("size", "mtime_ns", "etag")
+                        if entry.get(k) != found.get(k))
+    raise BankError(f"shard {entry['path']} changed since the bank was indexed ({changes}); "
+                    "rebuild the bank with `xpaste-stream index`")
+
+
+def _remote_info(url: str) -> dict:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        return fs.info(path)
+    except FileNotFoundError:
+        raise BankError(f"shard {url} not found") from None
+
+
+def _etag(info: dict) -> str | None:
+    for key in ("ETag", "etag", "md5Hash", "md5"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return None
+
+
+class LocalFile:
+    """A shard opened for `pread`; checked against its manifest entry when opened."""
+
+    def __init__(self, entry: dict):
+        try:
+            self.fd = os.open(entry["path"], os.O_RDONLY)
+        except FileNotFoundError:
+            raise BankError(f"shard {entry['path']} vanished since the bank was indexed; "
+                            "rebuild the bank with `xpaste-stream index`") from None
+        st = os.fstat(self.fd)
+        found = {"path": entry["path"], "size": st.st_size, "mtime_ns": st.st_mtime_ns, "etag": None}
+        try:
+            check_unchanged(entry, found)
+        except BankError:
+            self.close()
+            raise
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class RemoteFile:
+    """A shard on an fsspec filesystem, read with one ranged request per read."""
+
+    def __init__(self, entry: dict):
+        import fsspec
+
+        self.fs, self.path = fsspec.core.url_to_fs(entry["path"])
+        try:
+            info = self.fs.info(self.path)
+        except FileNotFoundError:
+            raise BankError(f"shard {entry['path']} vanished since the bank was indexed; "
+                            "rebuild the bank with `xpaste-stream index`") from None
+        found = {"path": entry["path"], "size": int(info["size"]), "mtime_ns": None, "etag": _etag(info)}
+        check_unchanged(entry, found)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.fs.cat_file(self.path, start=offset, end=offset + size)
+
+    def close(self) -> None:
+        pass
+
+
+def open_shard(entry: dict) -> LocalFile | RemoteFile:
+    return RemoteFile(entry) if urls.is_remote(entry["path"]) else LocalFile(entry)

@@ -1,0 +1,29 @@
+"""`xpaste-stream generate`: stage 1 from the command line."""
+
+from __future__ import annotations
+
+import json
+
+from ..config import from_dict
+from .stage import GenerateConfig, run_generate
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="stage 1: generate object images into image shards")
+    p.add_argument("-o", "--output", required=True, help="shard pattern, e.g. out/gen-{shard:06d}.tar")
+    p.add_argument("--categories", help="categories.json (pack-coco) or COCO/LVIS json")
+    p.add_argument("--num-categories", type=int, default=20)
+    p.add_argument("--images-per-category", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--maxcount", type=int, default=1000)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    cfg = from_dict(GenerateConfig, {
+        "output": args.output, "categories": args.categories, "num_categories": args.num_categories,
+        "images_per_category": args.images_per_category, "image_size": args.image_size,
+        "seed": args.seed, "maxcount": args.maxcount}, "generate")
+    print(json.dumps(run_generate(cfg), indent=1))
+    return 0

@@ -1,0 +1,104 @@
+"""Loader settings. Defaults reproduce the original X-Paste pasting recipe (docs: DESIGN.md).
+
+Both dataclasses are filled from TOML through `xpaste_stream.config.from_dict`, so they use
+plain types only; `validate()` rejects values that would make a batch meaningless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# Fallback per-category size statistics (mean and std of sqrt(box area / image area)) for a
+# category that categories.json lists without statistics (no real annotation to measure).
+# 0.2 / 0.1 is roughly the LVIS train average; the clip below keeps draws sane either way.
+DEFAULT_SCALE_MEAN = 0.2
+DEFAULT_SCALE_STD = 0.1
+
+
+@dataclass
+class PasteConfig:
+    """How one composited image is made: LSJ of the background, then the pastes."""
+
+    output_size: int = 1024                         # square canvas after LSJ (paper: 1024)
+    scale_range: tuple[float, float] = (0.1, 2.0)   # LSJ scale of the output size
+    hflip_prob: float = 0.5                         # background flip
+    min_pastes: int = 0                             # pastes per image ~ U{min_pastes..max_pastes}
+    max_pastes: int = 19                            # also the number of paste slots K in the graph
+    category_sampling: Literal["cas", "instance", "repeat_factor"] = "cas"  # bank.make_sampler kind
+    default_scale_mean: float = DEFAULT_SCALE_MEAN
+    default_scale_std: float = DEFAULT_SCALE_STD
+    min_size_px: float = 10.0                       # side ratio clipped to [min_size_px / H, ...
+    max_size_ratio: float = 0.5                     # ... max_size_ratio]
+    aspect_jitter: tuple[float, float] = (0.8, 1.2)  # instance aspect ratio x U(lo, hi)
+    min_side_px: int = 5                            # planned pastes with a smaller side are dropped
+    instance_hflip_prob: float = 0.5
+    blending: Literal["hard", "alpha", "gaussian"] = "hard"
+    gaussian_sigma: float = 2.0                     # edge blur of the paste mask (gaussian only)
+    mask_threshold: int = 128                       # alpha >= threshold is the object's mask
+    keep_max_box_shift: float = 10.0                # keep an occluded object if its box moved <= this
+    keep_min_area: int = 300                        # ... or more than this many mask pixels remain
+    drop_crowd: bool = True                         # iscrowd annotations are not training targets
+
+    def validate(self) -> None:
+        if not 8 <= self.output_size <= 8192:
+            raise ValueError(f"output_size {self.output_size} must be in [8, 8192]")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range {self.scale_range} must satisfy 0 < lo <= hi")
+        if not 0 <= self.min_pastes <= self.max_pastes <= 254:
+            raise ValueError(f"pastes U{{{self.min_pastes}..{self.max_pastes}}}: need "
+                             "0 <= min_pastes <= max_pastes <= 254")
+        for name in ("hflip_prob", "instance_hflip_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} must be a probability in [0, 1]")
+        if self.category_sampling not in ("cas", "instance", "repeat_factor"):
+            raise ValueError(f"category_sampling {self.category_sampling!r}: use 'cas', 'instance' "
+                             "or 'repeat_factor'")
+        if self.default_scale_mean <= 0 or self.default_scale_std < 0:
+            raise ValueError("default_scale_mean must be > 0 and default_scale_std >= 0")
+        if not 0 < self.min_size_px / self.output_size <= self.max_size_ratio <= 1.0:
+            raise ValueError(f"need 0 < min_size_px / output_size <= max_size_ratio <= 1 "
+                             f"(got {self.min_size_px} / {self.output_size}, {self.max_size_ratio})")
+        a, b = self.aspect_jitter
+        if not 0 < a <= b:
+            raise ValueError(f"aspect_jitter {self.aspect_jitter} must satisfy 0 < lo <= hi")
+        if self.min_side_px < 1:
+            raise ValueError(f"min_side_px {self.min_side_px} must be >= 1")
+        if self.gaussian_sigma <= 0:
+            raise ValueError(f"gaussian_sigma {self.gaussian_sigma} must be > 0")
+        if not 1 <= self.mask_threshold <= 255:
+            raise ValueError(f"mask_threshold {self.mask_threshold} must be in [1, 255]")
+        if self.keep_max_box_shift < 0 or self.keep_min_area < 0:
+            raise ValueError("keep_max_box_shift and keep_min_area must be >= 0")
+
+    @property
+    def slots(self) -> int:
+        """Paste slots K in the DALI graph; unused slots hold a transparent placeholder."""
+        return max(1, self.max_pastes)
+
+
+@dataclass
+class LoaderConfig:
+    """How batches are produced: sizes, threads, shuffling, debugging."""
+
+    batch_size: int = 16
+    num_threads: int = 4                # DALI worker threads per pipeline
+    prefetch: int = 2                   # batches planned / composited ahead of the training step
+    shuffle: bool = True                # shuffle backgrounds within a buffer of `shuffle_buffer`
+    shuffle_buffer: int = 1024
+    seed: int = 0
+    debug: bool = False                 # also return the LSJ'd background and resized instances
+    instance_retries: int = 4           # redraws for an instance whose bytes are corrupt
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size {self.batch_size} must be >= 1")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads {self.num_threads} must be >= 1")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch {self.prefetch} must be >= 1")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer {self.shuffle_buffer} must be >= 1")
+        if self.instance_retries < 0:
+            raise ValueError(f"instance_retries {self.instance_retries} must be >= 0")
