@@ -41,6 +41,12 @@ class ExtractConfig:
         if not 1 <= self.mask_threshold <= 255:
             raise ValueError("mask_threshold must be in 1..255")
 
+    def check_inputs(self) -> None:
+        found = urls.expand(self.inputs)
+        missing = [u for u in found if not urls.exists(u)]
+        if not found or missing:
+            raise ValueError(f"image shards not found: {missing or self.inputs}")
+
 
 def _samples(urls_: list[str], damage: list[TarDamage]) -> Iterator[dict]:
     for url in urls_:

@@ -40,14 +40,16 @@ class PackCocoConfig:
     maxsize: int = 1 << 30
 
     def validate(self) -> None:
-        if not os.path.isfile(self.annotations):
-            raise ValueError(f"annotation file {self.annotations} not found")
-        if not os.path.isdir(self.images):
-            raise ValueError(f"image folder {self.images} not found")
         if not 0 < self.repeat_threshold < 1:
             raise ValueError("repeat_threshold must be in (0, 1)")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+
+    def check_inputs(self) -> None:
+        if not os.path.isfile(self.annotations):
+            raise ValueError(f"annotation file {self.annotations} not found")
+        if not os.path.isdir(self.images):
+            raise ValueError(f"image folder {self.images} not found")
 
     def categories_path(self) -> str:
         return self.categories_out or os.path.join(os.path.dirname(self.output), "categories.json")
@@ -182,6 +184,7 @@ def pack_image(task: tuple) -> dict | tuple[str, str]:
 
 
 def run_pack_coco(cfg: PackCocoConfig, progress: bool = True) -> dict:
+    cfg.check_inputs()
     ds, is_lvis = load_dataset(cfg.annotations)
     table = category_table(ds, is_lvis, cfg.repeat_threshold)
     doc = {"schema": formats.CATEGORIES_SCHEMA, "dataset": "lvis" if is_lvis else "coco",

@@ -1,0 +1,213 @@
+"""`xpaste-stream run PIPELINE.toml`: run the stages a pipeline file names, in order.
+
+A pipeline file has a `[pipeline]` table (`stages = [...]`) and one table per stage, each a
+typed config (see pipelines/*.toml). The whole file is checked before any stage starts; each
+stage resumes from what an earlier run finished (shards with stats are skipped).
+
+Stages: `scenes` (a procedural COCO/LVIS-format dataset), `pack_coco` (background shards),
+`generate` (image shards), `extract` (instance shards), `index` (the instance bank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import urls
+from .config import ConfigError, from_dict, load_toml
+from .extract import ExtractConfig, run_extract
+from .generate import GenerateConfig, run_generate
+from .generate.procedural import SceneSpec, category_names, write_scene_dataset
+from .pack import PackCocoConfig, run_pack_coco
+
+Stage = Literal["scenes", "pack_coco", "generate", "extract", "index"]
+STAGE_ORDER = ("scenes", "pack_coco", "generate", "extract", "index")
+
+
+@dataclass
+class ScenesConfig:
+    """A procedural scene dataset in COCO/LVIS format: backgrounds without downloads."""
+
+    output: str = "runs/demo/scenes"
+    num_categories: int = 20
+    num_images: int = 64
+    height: int = 480
+    width: int = 640
+    max_objects: int = 6
+    lvis: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        category_names(self.num_categories)
+        if self.num_images < 1 or min(self.height, self.width) < 32:
+            raise ValueError("need num_images >= 1 and images of at least 32x32")
+
+
+@dataclass
+class IndexConfig:
+    inputs: list[str]
+    output: str = "runs/xpaste/bank"
+    workers: int = 2
+    dedup: bool = False
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ValueError("inputs: no instance shards given")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+
+    def check_inputs(self) -> None:
+        if not urls.expand(self.inputs) or not all(urls.exists(u) for u in urls.expand(self.inputs)):
+            raise ValueError(f"inputs {self.inputs}: no such instance shards")
+
+
+@dataclass
+class PipelineSection:
+    name: str = "pipeline"
+    stages: list[Stage] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise ValueError("stages: name at least one stage")
+        order = [STAGE_ORDER.index(s) for s in self.stages]
+        if order != sorted(set(order)):
+            raise ValueError(f"stages must be distinct and in the order {list(STAGE_ORDER)}")
+
+
+@dataclass
+class PipelineConfig:
+    pipeline: PipelineSection
+    scenes: ScenesConfig | None = None
+    pack_coco: PackCocoConfig | None = None
+    generate: GenerateConfig | None = None
+    extract: ExtractConfig | None = None
+    index: IndexConfig | None = None
+    loader: dict | None = None  # read by the loader (xpaste_stream.loader.config), not a stage
+
+    def validate(self) -> None:
+        for stage in self.pipeline.stages:
+            if getattr(self, stage) is None:
+                raise ValueError(f"stage {stage!r} is listed but has no [{stage}] table")
+
+
+def load_pipeline(path: str) -> PipelineConfig:
+    """Parse and check a pipeline file; every error names the file and the key."""
+    raw = load_toml(path)
+    stages = raw.get("pipeline", {}).get("stages", [])
+    if "scenes" in stages and isinstance(raw.get("pack_coco"), dict):
+        # scenes feed pack_coco unless the file says otherwise
+        scenes_dir = raw.get("scenes", {}).get("output", ScenesConfig.output)
+        raw["pack_coco"].setdefault("annotations", os.path.join(scenes_dir, "annotations.json"))
+        raw["pack_coco"].setdefault("images", os.path.join(scenes_dir, "images"))
+    cfg = from_dict(PipelineConfig, raw, path)
+    check_inputs(cfg, path)
+    return cfg
+
+
+# a stage's inputs come from the stage named here when both run in one pipeline
+_PRODUCER = {"pack_coco": "scenes", "extract": "generate", "index": "extract"}
+
+
+def check_inputs(cfg: PipelineConfig, where: str = "pipeline") -> None:
+    """Inputs that no earlier stage of this pipeline produces must exist before anything runs."""
+    for stage in cfg.pipeline.stages:
+        if _PRODUCER.get(stage) in cfg.pipeline.stages:
+            continue
+        check_stage_inputs = getattr(getattr(cfg, stage), "check_inputs", None)
+        try:
+            if check_stage_inputs is not None:
+                check_stage_inputs()
+        except ValueError as e:
+            raise ConfigError(f"{where}.{stage}: {e}") from None
+
+
+def run_pipeline(cfg: PipelineConfig, progress: bool = True, report: str | None = None) -> dict:
+    results: dict[str, dict] = {}
+    for stage in cfg.pipeline.stages:
+        started = time.time()
+        if progress:
+            print(f"== {cfg.pipeline.name}: {stage}", flush=True)
+        results[stage] = _run_stage(cfg, stage, progress)
+        results[stage]["wall_seconds"] = round(time.time() - started, 2)
+    if report:
+        urls.write_bytes(report, json.dumps(results, indent=1).encode())
+    return results
+
+
+def _run_stage(cfg: PipelineConfig, stage: str, progress: bool) -> dict:
+    if stage == "scenes":
+        s = cfg.scenes
+        done = os.path.join(s.output, "annotations.json")  # written last: the stage's done marker
+        if os.path.exists(done):
+            return {"annotations": done, "images": os.path.join(s.output, "images"), "resumed": True}
+        path = write_scene_dataset(s.output, category_names(s.num_categories), SceneSpec(
+            num_images=s.num_images, image_size=(s.height, s.width), max_objects=s.max_objects,
+            lvis=s.lvis, seed=s.seed))
+        return {"annotations": path, "images": os.path.join(s.output, "images")}
+    if stage == "pack_coco":
+        cfg.pack_coco.check_inputs()
+        return run_pack_coco(cfg.pack_coco, progress)
+    if stage == "generate":
+        return run_generate(cfg.generate, progress)
+    if stage == "extract":
+        return run_extract(cfg.extract, progress)
+    if stage == "index":
+        from .bank import build_index
+
+        i = cfg.index
+        summary = build_index(urls.expand(i.inputs), i.output, workers=i.workers, dedup=i.dedup,
+                              progress=progress)
+        return {k: v for k, v in summary.items() if k != "shards_read"}
+    raise ConfigError(f"unknown stage {stage!r}")
+
+
+def demo_pipeline(workdir: str, num_categories: int = 20, instances_per_category: int = 30,
+                  num_backgrounds: int = 64, image_size: int = 512, seed: int = 0) -> PipelineConfig:
+    """The embedded-defaults pipeline: procedural objects and scenes, no weights, no downloads."""
+    j = lambda *p: os.path.join(workdir, *p)
+    return PipelineConfig(
+        pipeline=PipelineSection(name="demo", stages=list(STAGE_ORDER)),
+        scenes=ScenesConfig(output=j("scenes"), num_categories=num_categories,
+                            num_images=num_backgrounds, seed=seed),
+        pack_coco=PackCocoConfig(annotations=j("scenes", "annotations.json"),
+                                 images=j("scenes", "images"), output=j("backgrounds", "bg-{shard:06d}.tar"),
+                                 maxcount=max(8, num_backgrounds // 4), workers=1),
+        generate=GenerateConfig(output=j("images", "gen-{shard:06d}.tar"), num_categories=num_categories,
+                                images_per_category=instances_per_category, image_size=image_size,
+                                seed=seed, maxcount=200),
+        extract=ExtractConfig(inputs=[j("images", "gen-*.tar")], output=j("instances", "inst-{shard:06d}.tar"),
+                              maxcount=200),
+        index=IndexConfig(inputs=[j("instances", "inst-*.tar")], output=j("bank"), workers=1),
+    )
+
+
+def make_demo_data(workdir: str, num_categories: int = 20, instances_per_category: int = 30,
+                   num_backgrounds: int = 64, image_size: int = 512, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Build (or resume) the demo data set; returns the paths the loader needs."""
+    cfg = demo_pipeline(workdir, num_categories, instances_per_category, num_backgrounds,
+                        image_size, seed)
+    run_pipeline(cfg, progress=progress, report=os.path.join(workdir, "pipeline-report.json"))
+    return {"backgrounds": urls.expand(os.path.join(workdir, "backgrounds", "bg-*.tar")),
+            "categories": cfg.pack_coco.categories_path(), "bank": cfg.index.output}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run the stages of a pipeline file (pipelines/*.toml)")
+    p.add_argument("config", help="pipeline TOML file")
+    p.add_argument("--check", action="store_true", help="only check the file, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    cfg = load_pipeline(args.config)
+    if args.check:
+        print(f"{args.config}: ok, stages {cfg.pipeline.stages}")
+        return 0
+    results = run_pipeline(cfg, progress=not args.quiet)
+    print(json.dumps(results, indent=1, default=str))
+    return 0
