@@ -61,7 +61,7 @@ class IndexConfig:
 
     def check_inputs(self) -> None:
         if not urls.expand(self.inputs) or not all(urls.exists(u) for u in urls.expand(self.inputs)):
-            raise ValueError(f"inputs {self.inputs}: no such instance shards")
+            raise ConfigError(f"inputs {self.inputs}: no such instance shards")
 
 
 @dataclass

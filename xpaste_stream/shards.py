@@ -243,6 +243,7 @@ def iter_tar(url: str, damage: list[TarDamage] | None = None) -> Iterator[dict]:
     """
     count = 0
     current: dict | None = None
+    end = 0  # where the last member's data (padded) ends: the end-of-archive block must follow
     try:
         with urls.open_url(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
@@ -253,12 +254,15 @@ def iter_tar(url: str, damage: list[TarDamage] | None = None) -> Iterator[dict]:
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} truncated")
+                end = member.offset_data + _padded(member.size)
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         count += 1
                         yield current
                     current = {"__key__": key, "__url__": url}
                 current[ext] = data
+        if current is not None and not _ends_archive(url, end):
+            raise tarfile.ReadError(f"no end-of-archive block after byte {end} (file cut short)")
     except (tarfile.TarError, OSError, EOFError) as e:
         current = None
         err = TarDamage(url, f"{type(e).__name__}: {e}", count)
@@ -267,3 +271,11 @@ def iter_tar(url: str, damage: list[TarDamage] | None = None) -> Iterator[dict]:
         damage.append(err)
     if current is not None:
         yield current
+
+
+def _ends_archive(url: str, offset: int) -> bool:
+    """A whole tar has a zero block where its members end; a cut one has nothing there."""
+    with urls.open_url(url, "rb") as f:
+        f.seek(offset)
+        block = f.read(512)
+    return len(block) == 512 and not any(block)

@@ -37,8 +37,7 @@ def expand(patterns: str | Iterable[str]) -> list[str]:
                 import fsspec
 
                 fs, _, paths = fsspec.get_fs_token_paths(url)
-                proto = url.split("://", 1)[0]
-                out.extend(f"{proto}://{p}" for p in sorted(paths))
+                out.extend(fs.unstrip_protocol(p) for p in sorted(paths))
             else:
                 out.append(url)
     seen: set[str] = set()

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import formats, urls
+from ..config import ConfigError
 from ..shards import ShardWriter, TarDamage, iter_tar
 from .postprocess import clean_mask, tight_box
 from .segmenters import SEGMENTERS
@@ -45,7 +46,7 @@ class ExtractConfig:
         found = urls.expand(self.inputs)
         missing = [u for u in found if not urls.exists(u)]
         if not found or missing:
-            raise ValueError(f"image shards not found: {missing or self.inputs}")
+            raise ConfigError(f"image shards not found: {missing or self.inputs}")
 
 
 def _samples(urls_: list[str], damage: list[TarDamage]) -> Iterator[dict]:

@@ -31,7 +31,9 @@ def style_of(category_id: int) -> tuple[str, str]:
     """(colour, shape) drawn for a category id; ids beyond the 100 styles wrap around, so any
     category list (LVIS's 1203 included) can be generated procedurally."""
     i = (int(category_id) - 1) % (len(COLOURS) * len(SHAPES))
-    return list(COLOURS)[i // len(SHAPES)], SHAPES[i % len(SHAPES)]
+    colour, round_ = i % len(COLOURS), i // len(COLOURS)
+    # colours vary fastest, the shape shifts each round: 100 distinct (colour, shape) pairs
+    return list(COLOURS)[colour], SHAPES[(colour + round_) % len(SHAPES)]
 
 
 def category_names(n: int) -> list[str]:

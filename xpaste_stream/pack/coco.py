@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import formats, urls
+from ..config import ConfigError
 from ..shards import ShardWriter
 
 LVIS_RARE_MAX, LVIS_COMMON_MAX = 10, 100  # LVIS frequency groups by training image count
@@ -47,9 +48,9 @@ class PackCocoConfig:
 
     def check_inputs(self) -> None:
         if not os.path.isfile(self.annotations):
-            raise ValueError(f"annotation file {self.annotations} not found")
+            raise ConfigError(f"annotation file {self.annotations} not found")
         if not os.path.isdir(self.images):
-            raise ValueError(f"image folder {self.images} not found")
+            raise ConfigError(f"image folder {self.images} not found")
 
     def categories_path(self) -> str:
         return self.categories_out or os.path.join(os.path.dirname(self.output), "categories.json")

@@ -1,0 +1,199 @@
+"""Stages 1-2 on the embedded defaults, pipeline files, configuration checks and inspect."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+from helpers import shard_files
+from PIL import Image
+
+from xpaste_stream import cli, formats
+from xpaste_stream.config import ConfigError, from_dict
+from xpaste_stream.extract import ExtractConfig, run_extract
+from xpaste_stream.extract.postprocess import clean_mask, tight_box
+from xpaste_stream.generate import GenerateConfig, run_generate
+from xpaste_stream.pipeline import load_pipeline
+from xpaste_stream.shards import ShardWriter, iter_tar
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def generate(out, **kw) -> dict:
+    cfg = GenerateConfig(output=str(out / "gen-{shard:04d}.tar"), num_categories=4,
+                         images_per_category=3, image_size=128, maxcount=5, **kw)
+    return run_generate(cfg, progress=False)
+
+
+def test_generation_is_deterministic_and_described(tmp_path):
+    generate(tmp_path / "a")
+    generate(tmp_path / "b")
+    a, b = shard_files(tmp_path / "a"), shard_files(tmp_path / "b")
+    assert len(a) == 3 and [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+    samples = [s for u in a for s in iter_tar(u)]
+    metas = [formats.read_image_meta(s) for s in samples]
+    assert [m["category_id"] for m in metas] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert metas[3]["prompt"] == "a photo of a single green square"
+    assert metas[0]["generator"] == "procedural" and metas[0]["width"] == 128
+
+
+def test_clean_mask_keeps_the_largest_blob_with_holes_filled():
+    alpha = np.zeros((40, 40), np.uint8)
+    alpha[5:25, 5:25] = 200       # big square ...
+    alpha[10:15, 10:15] = 0       # ... with a hole
+    alpha[30:35, 30:35] = 255     # small separate blob
+    alpha[0:3, 30:33] = 127       # below the threshold
+    mask = clean_mask(alpha)
+    assert mask[12, 12] == 255 and mask[32, 32] == 0 and mask[1, 31] == 0
+    assert int((mask > 0).sum()) == 400
+    assert tight_box(mask) == (5, 5, 25, 25)
+    assert tight_box(np.zeros((4, 4), np.uint8)) is None
+
+
+def test_extraction_cuts_objects_out(tmp_path):
+    generate(tmp_path / "img")
+    cfg = ExtractConfig(inputs=[str(tmp_path / "img" / "gen-*.tar")],
+                        output=str(tmp_path / "inst" / "inst-{shard:04d}.tar"), maxcount=100)
+    summary = run_extract(cfg, progress=False)
+    assert summary["samples"] + summary["failed"] == 12 and summary["samples"] >= 9
+    for s in iter_tar(shard_files(tmp_path / "inst")[0]):
+        meta = formats.read_instance_meta(s)
+        rgb = np.asarray(Image.open(io.BytesIO(s["jpg"])))
+        alpha = np.asarray(Image.open(io.BytesIO(s["mask.png"])))
+        assert rgb.shape[:2] == alpha.shape == (meta["height"], meta["width"])
+        assert set(np.unique(alpha)) <= {0, 255}
+        assert alpha[0].any() and alpha[-1].any() and alpha[:, 0].any() and alpha[:, -1].any()
+        assert meta["area"] == int((alpha > 0).sum()) and meta["segmenter"] == "plain-background"
+        # the object is coloured, not the white background
+        assert np.abs(rgb[alpha > 0].astype(int) - 255).max(axis=1).mean() > 60
+
+
+def test_extraction_counts_unreadable_images(tmp_path):
+    writer = ShardWriter(str(tmp_path / "img" / "gen-{shard:04d}.tar"))
+    writer.resume()
+    good = np.full((64, 64, 3), 255, np.uint8)
+    good[16:48, 16:48] = (200, 30, 30)
+    for i, jpg in enumerate([formats.encode_jpeg(good), b"\xff\xd8 not a jpeg",
+                             formats.encode_jpeg(np.full((64, 64, 3), 255, np.uint8))]):
+        writer.add(i, formats.image_sample(f"k{i}", jpg, category_id=1, category="x", prompt="p",
+                                           seed=0, generator="test", width=64, height=64))
+    writer.close()
+    summary = run_extract(ExtractConfig(inputs=[str(tmp_path / "img" / "gen-0000.tar")],
+                                        output=str(tmp_path / "inst" / "i-{shard:04d}.tar")),
+                          progress=False)
+    assert summary["samples"] == 1
+    assert summary["failures"] == {"unreadable_image": 1, "empty_mask": 1}
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    cases = {
+        "unknown key": ('[pipeline]\nstages=["generate"]\n[generate]\noutptu="x"\n', "outptu"),
+        "wrong type": ('[pipeline]\nstages=["generate"]\n[generate]\nimage_size="big"\n',
+                       "generate.image_size"),
+        "bad value": ('[pipeline]\nstages=["generate"]\n[generate]\nimages_per_category=0\n',
+                      "images_per_category"),
+        "unknown generator": ('[pipeline]\nstages=["generate"]\n[generate]\ngenerator="dalle"\n',
+                              "'procedural'"),
+        "missing table": ('[pipeline]\nstages=["extract"]\n', "no [extract] table"),
+        "stage order": ('[pipeline]\nstages=["index","generate"]\n[generate]\n[index]\ninputs=["x"]\n',
+                        "order"),
+        "not toml": ("[pipeline\n", "not valid TOML"),
+    }
+    for name, (text, needle) in cases.items():
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_pipeline(str(bad))
+        assert str(bad) in str(e.value) and needle in str(e.value), name
+
+
+def test_shipped_pipeline_files_parse(tmp_path):
+    demo = load_pipeline(os.path.join(REPO, "pipelines", "demo.toml"))
+    assert demo.pipeline.stages[0] == "scenes" and demo.extract.min_area_ratio == 0.05
+    with pytest.raises(ConfigError, match="categories.json not found"):
+        load_pipeline(os.path.join(REPO, "pipelines", "xpaste.toml"))
+    with pytest.raises(ConfigError, match="lvis_v1_train.json not found"):
+        load_pipeline(os.path.join(REPO, "pipelines", "lvis-backgrounds.toml"))
+    # with its input in place the preset parses, and keeps the original recipe
+    os.makedirs(tmp_path / "shards" / "lvis-train")
+    (tmp_path / "shards" / "lvis-train" / "categories.json").write_text('{"categories": []}')
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        cfg = load_pipeline(os.path.join(REPO, "pipelines", "xpaste.toml"))
+    finally:
+        os.chdir(cwd)
+    assert cfg.generate.prompt_template == "a photo of a single {name}"
+    assert (cfg.extract.mask_threshold, cfg.extract.min_area_ratio, cfg.extract.max_area_ratio) == (128, 0.05, 0.95)
+
+
+def test_run_pipeline_from_the_command_line_resumes(tmp_path, capsys):
+    toml = tmp_path / "p.toml"
+    toml.write_text(textwrap.dedent(f"""
+        [pipeline]
+        stages = ["scenes", "pack_coco", "generate", "extract", "index"]
+        [scenes]
+        output = "{tmp_path}/scenes"
+        num_categories = 3
+        num_images = 6
+        height = 64
+        width = 96
+        [pack_coco]
+        output = "{tmp_path}/bg/bg-{{shard:04d}}.tar"
+        workers = 1
+        [generate]
+        output = "{tmp_path}/img/gen-{{shard:04d}}.tar"
+        num_categories = 3
+        images_per_category = 4
+        image_size = 96
+        [extract]
+        inputs = ["{tmp_path}/img/gen-*.tar"]
+        output = "{tmp_path}/inst/inst-{{shard:04d}}.tar"
+        [index]
+        inputs = ["{tmp_path}/inst/inst-*.tar"]
+        output = "{tmp_path}/bank"
+        workers = 1
+    """))
+    assert cli.main(["run", str(toml), "--quiet"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["pack_coco"]["samples"] == 6 and first["generate"]["samples"] == 12
+    assert first["index"]["instances"] == first["extract"]["samples"] > 0
+    assert cli.main(["run", str(toml), "--quiet"]) == 0  # everything done: nothing rewritten
+    second = json.loads(capsys.readouterr().out)
+    assert second["generate"]["samples"] == 12 and second["scenes"]["resumed"]
+    assert cli.main(["inspect", str(tmp_path / "bg" / "bg-*.tar")]) == 0
+    assert "6 samples" in capsys.readouterr().out
+    assert cli.main(["inspect", str(tmp_path / "bank")]) == 0
+    assert "instances" in capsys.readouterr().out
+
+
+def test_inspect_reports_broken_samples_and_damaged_shards(tmp_path, capsys):
+    generate(tmp_path / "img")
+    first, second = shard_files(tmp_path / "img")[:2]
+    writer = ShardWriter(str(tmp_path / "odd" / "odd-{shard:02d}.tar"))
+    writer.resume()
+    writer.add(0, {"__key__": "nojson", "jpg": b"x"})
+    writer.add(1, {"__key__": "badjson", "jpg": b"x", "json": b"{nope"})
+    writer.close()
+    shutil.copy(second, tmp_path / "cut.tar")
+    with open(tmp_path / "cut.tar", "r+b") as f:
+        f.truncate(os.path.getsize(second) // 3)
+    urls = [first, str(tmp_path / "odd" / "odd-00.tar"), str(tmp_path / "cut.tar"), str(tmp_path / "gone.tar")]
+    assert cli.main(["inspect", "--json", *urls]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["missing"] == [str(tmp_path / "gone.tar")]
+    assert [d["shard"] for d in report["damaged"]] == [str(tmp_path / "cut.tar")]
+    problems = {b["sample"].rsplit(":", 1)[1]: b["problem"] for b in report["broken"]}
+    assert problems["nojson"] == "no json component" and "unreadable json" in problems["badjson"]
+    assert report["schemas"] == {formats.IMAGE_SCHEMA: report["samples"] - 2}
+    assert report["without_stats"] == [str(tmp_path / "cut.tar")]
+
+
+def test_from_dict_checks_nested_types():
+    with pytest.raises(ConfigError, match=r"extract\.inputs\[1\]"):
+        from_dict(ExtractConfig, {"inputs": ["a", 3]}, "extract")
