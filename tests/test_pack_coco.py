@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import webdataset as wds
 from helpers import shard_files
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from xpaste_stream import cli, formats, shards
@@ -66,7 +65,7 @@ def test_round_trip_webdataset_dali_and_tar(lvis_dataset, tmp_path):
         subprocess.run(["tar", "-xf", u, "-C", str(untar)], check=True)
     assert len(plain) == len(dali) == len(coco.imgs)
 
-    for sample, dali_sample in zip(plain, dali):
+    for sample, dali_sample in zip(plain, dali, strict=True):
         meta, anns = formats.read_background(sample)
         image_id = meta["image_id"]
         with open(os.path.join(images, coco.imgs[image_id]["file_name"]), "rb") as f:
@@ -152,7 +151,8 @@ def test_unreadable_json_fails_before_any_work(tmp_path, capsys):
     bad = tmp_path / "broken.json"
     bad.write_text('{"images": [')
     (tmp_path / "imgs").mkdir()
-    code = cli.main(["pack-coco", str(bad), str(tmp_path / "imgs"), "-o", str(tmp_path / "o" / "bg-{shard:04d}.tar")])
+    out = str(tmp_path / "o" / "bg-{shard:04d}.tar")
+    code = cli.main(["pack-coco", str(bad), str(tmp_path / "imgs"), "-o", out])
     err = capsys.readouterr().err
     assert code == 2 and str(bad) in err and "not valid JSON" in err
     assert not (tmp_path / "o").exists()

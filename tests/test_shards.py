@@ -8,14 +8,12 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
+from helpers import shard_files
 
 from xpaste_stream import formats, shards, urls
 from xpaste_stream.shards import ShardWriter, iter_tar
-
-from helpers import shard_files
 
 
 def sample(i: int, size: int = 300) -> dict:

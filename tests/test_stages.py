@@ -129,7 +129,8 @@ def test_shipped_pipeline_files_parse(tmp_path):
     finally:
         os.chdir(cwd)
     assert cfg.generate.prompt_template == "a photo of a single {name}"
-    assert (cfg.extract.mask_threshold, cfg.extract.min_area_ratio, cfg.extract.max_area_ratio) == (128, 0.05, 0.95)
+    e = cfg.extract
+    assert (e.mask_threshold, e.min_area_ratio, e.max_area_ratio) == (128, 0.05, 0.95)
 
 
 def test_run_pipeline_from_the_command_line_resumes(tmp_path, capsys):
@@ -183,7 +184,8 @@ def test_inspect_reports_broken_samples_and_damaged_shards(tmp_path, capsys):
     shutil.copy(second, tmp_path / "cut.tar")
     with open(tmp_path / "cut.tar", "r+b") as f:
         f.truncate(os.path.getsize(second) // 3)
-    urls = [first, str(tmp_path / "odd" / "odd-00.tar"), str(tmp_path / "cut.tar"), str(tmp_path / "gone.tar")]
+    urls = [first, str(tmp_path / "odd" / "odd-00.tar"), str(tmp_path / "cut.tar"),
+            str(tmp_path / "gone.tar")]
     assert cli.main(["inspect", "--json", *urls]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["missing"] == [str(tmp_path / "gone.tar")]

@@ -178,8 +178,8 @@ def demo_pipeline(workdir: str, num_categories: int = 20, instances_per_category
         generate=GenerateConfig(output=j("images", "gen-{shard:06d}.tar"), num_categories=num_categories,
                                 images_per_category=instances_per_category, image_size=image_size,
                                 seed=seed, maxcount=200),
-        extract=ExtractConfig(inputs=[j("images", "gen-*.tar")], output=j("instances", "inst-{shard:06d}.tar"),
-                              maxcount=200),
+        extract=ExtractConfig(inputs=[j("images", "gen-*.tar")],
+                              output=j("instances", "inst-{shard:06d}.tar"), maxcount=200),
         index=IndexConfig(inputs=[j("instances", "inst-*.tar")], output=j("bank"), workers=1),
     )
 

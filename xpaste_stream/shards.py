@@ -18,8 +18,8 @@ import json
 import re
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from . import urls
 from .formats import STATS_SCHEMA, check_key

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import IO, Iterable
+from collections.abc import Iterable
+from typing import IO
 
 import braceexpand
 

@@ -128,7 +128,8 @@ def category_table(ds, is_lvis: bool, repeat_threshold: float) -> list[dict]:
         freq = image_count / n_images
         frequency = c.get("frequency") if is_lvis else None
         if frequency is None:
-            frequency = "r" if image_count <= LVIS_RARE_MAX else ("c" if image_count <= LVIS_COMMON_MAX else "f")
+            frequency = ("r" if image_count <= LVIS_RARE_MAX else
+                         "c" if image_count <= LVIS_COMMON_MAX else "f")
         table.append({
             "id": cid, "name": c["name"], "synonyms": c.get("synonyms", [c["name"]]),
             "definition": c.get("def", ""), "frequency": frequency,
