@@ -8,8 +8,9 @@ object are counted by reason in the shard stats (the run goes on).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image
