@@ -4,7 +4,8 @@
 
 On CPU, images/s at 640 LSJ with U{0..19} pastes of (per core in brackets):
   loader (DALI CPU pipeline) | (a) per-image original-style copy-paste | (b) batch torch
-  copy-paste | (c) decode-only DALI pipeline (the ceiling).
+  copy-paste | (c) decode-only DALI pipeline (the ceiling); and the loader with U{0..K}
+  pastes for K = 1, 5, 19 (how its cost grows with the pastes).
 On a GPU also the loader and decode-only at 640 and 1024, with the ratio.
 Writes benchmarks/results/loader-<device>.json.
 """
@@ -60,7 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="./runs/bench-loader")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per CPU measurement")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per CPU measurement")
     parser.add_argument("--gpu-batches", type=int, default=50)
     parser.add_argument("--backgrounds", help="background shards (default: make_demo_data's)")
     parser.add_argument("--bank", help="instance bank folder (with --backgrounds)")
@@ -85,6 +86,10 @@ def main() -> int:
     }
     for f in figures["cpu_640"].values():
         f["images_per_s_per_core"] = f["images_per_s"] / f["cores"]
+    figures["cpu_640_max_pastes"] = {
+        f"U{{0..{k}}}": measure_loader(backgrounds, bank, PasteConfig(output_size=640, max_pastes=k),
+                                       args.batch_size, args.batches, None, cores)
+        for k in (1, 5, 19)}
     cpu = figures["cpu_640"]
     ratios = {"cpu_loader_vs_per_image_per_core": cpu["loader"]["images_per_s_per_core"]
               / cpu["per_image_original"]["images_per_s_per_core"],
@@ -103,7 +108,11 @@ def main() -> int:
     result = {"device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "settings": {"output_size_cpu": 640, "pastes": "U{0..19}", "blending": "hard",
                            "batch_size_cpu": args.batch_size, "timed_batches_cpu": args.batches,
-                           "cpu_cores": cores, "data": source,
+                           "cpu_cores": cores, "loader_threads": cores, "data": source,
+                           "loader": "box-local paste slot by slot, empty slots skipped by DALI "
+                                     "conditionals, id map + placed rows/columns to torch "
+                                     "(xpaste_stream/loader/pipeline.py); instances resized "
+                                     "bilinearly without antialiasing, as cv2.resize",
                            "baselines": "single-threaded, exclude reading/planning (given the "
                                         "loader's plans); the loader's figure includes them"},
               "figures": figures, "ratios": ratios}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from xpaste_stream.loader.config import PasteConfig
-from xpaste_stream.loader.targets import build_targets, lsj_masks
+from xpaste_stream.loader.targets import build_targets, extents_of, id_map, lsj_masks
 
 
 class PerImageCopyPaste:
@@ -105,7 +105,8 @@ class BatchTorchCopyPaste:
             canvas = canvas + weight[:, k] * (layers[:, k, :3] - canvas)
         real = [lsj_masks(torch.from_numpy(bg.masks), plan.lsj_size[i], plan.lsj_offset[i],
                           bool(plan.lsj_flip[i]), s) for i, bg in enumerate(backgrounds)]
-        targets = build_targets(weight[:, :, 0].to(torch.uint8), real,
+        slot_masks = weight[:, :, 0].to(torch.uint8)
+        targets = build_targets(id_map(slot_masks), extents_of(slot_masks), real,
                                 [bg.labels for bg in backgrounds], plan, self.paste)
         return canvas.round().to(torch.uint8), targets
 

@@ -301,3 +301,94 @@ def test_detectron2_adapter_explains_when_missing(dataset):
         batch = next(iter(CopyPasteLoader(urls, bank, small(), batch_size=2)))
         out = to_detectron2(batch)
         assert len(out) == 2 and len(out[0]["instances"]) == len(batch.targets[0]["labels"])
+
+
+def test_pastes_off_and_across_every_border(edge_case_data):
+    """Crops entirely off the canvas (skipped by the pipeline's condition) and crops hanging
+    over each border, overlapping in paste order, still equal the reference."""
+    urls, bank = edge_case_data
+    rect = int(InstanceBank.open(bank).instances_of(1)[0])
+    places = [(-40, -40, 30, 30), (150, 20, 30, 40), (20, -15, 30, 30), (140, 140, 40, 40),
+              (10, 10, 30, 30), (170, 10, 20, 20), (30, 150, 20, 30)]
+
+    def hook(plan):
+        plan.ids[:] = -1
+        plan.ids[:, :len(places)] = rect
+        plan.labels[:, :len(places)] = 2
+        plan.pos[:, :len(places)] = [(y, x) for y, x, _, _ in places]
+        plan.size[:, :len(places)] = [(h, w) for _, _, h, w in places]
+        plan.flip[:] = False
+        return plan
+
+    for blending in ("hard", "alpha", "gaussian"):
+        paste = PasteConfig(output_size=160, scale_range=(1.0, 1.0), hflip_prob=0.0, max_pastes=8,
+                            blending=blending)
+        (batch,) = epoch(CopyPasteLoader(urls, bank, paste, batch_size=1, debug=True, plan_hook=hook))
+        pasted = batch.targets[0]["boxes"][batch.targets[0]["source"] == 1].tolist()
+        assert pasted == [[20, 150, 60, 160], [0, 20, 15, 50], [140, 140, 160, 160],
+                          [10, 10, 40, 40], [150, 30, 160, 50]]  # xyxy; 2 pastes off the canvas
+        if blending != "gaussian":
+            assert_matches_reference(batch, paste)
+
+
+def test_lsj_window_is_resize_crop_flip():
+    """The one-ROI-resize LSJ equals resize, then window, then flip (to rounding)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from xpaste_stream import formats
+    from xpaste_stream.loader.plan import PastePlan, lsj_window
+
+    rng = np.random.default_rng(0)
+    image = cv2_smooth(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    size = 64
+    cases = [((120, 180), (10, 100), True), ((30, 45), (0, 0), True), ((90, 135), (26, 0), False)]
+    plan = PastePlan(np.zeros(3, np.int64), np.tile([60, 90], (3, 1)).astype(np.int32),
+                     np.array([c[0] for c in cases], np.int32), np.array([c[1] for c in cases], np.int32),
+                     np.array([c[2] for c in cases]), *(np.zeros((3, 1)),) * 5)
+    window = lsj_window(plan, size)
+    data = np.frombuffer(formats.encode_png(image), np.uint8)
+
+    @pipeline_def
+    def both():
+        raw = fn.external_source(source=lambda: [data] * 3, batch=True)
+        lsj_size, start, flip, roi_start, roi_end, out, pad = fn.external_source(
+            source=lambda: (list(plan.lsj_size.astype(np.float32)), list(plan.lsj_offset),
+                            list(plan.lsj_flip.astype(np.int32)), window["lsj_roi_start"],
+                            window["lsj_roi_end"], window["lsj_out_size"], window["lsj_pad_start"]),
+            num_outputs=7, batch=True)
+        img = fn.decoders.image(raw, output_type=types.RGB)
+        plain = fn.resize(img, resize_y=lsj_size[0], resize_x=lsj_size[1], antialias=True)
+        plain = fn.flip(fn.slice(plain, start=start, shape=[size, size], axis_names="HW",
+                                 out_of_bounds_policy="pad"), horizontal=flip)
+        roi = fn.resize(img, roi_start=roi_start, roi_end=roi_end, resize_y=out[0], resize_x=out[1],
+                        antialias=True)
+        roi = fn.slice(roi, start=pad, shape=[size, size, 3], axes=[0, 1, 2], out_of_bounds_policy="pad")
+        return plain, roi
+
+    pipe = both(batch_size=3, num_threads=1, device_id=None)
+    pipe.build()
+    plain, roi = pipe.run()
+    for i in range(3):
+        diff = np.abs(np.array(plain.at(i)).astype(int) - np.array(roi.at(i)).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.05  # float rounding only
+
+
+def cv2_smooth(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(image, (7, 7), 2)
+
+
+def test_count_ones_and_flipped_lsj_masks():
+    import torch
+
+    from xpaste_stream.loader.targets import count_ones, lsj_masks
+
+    for side in (7, 13, 64, 130):
+        masks = torch.rand(3, side, side) > 0.6
+        assert count_ones(masks).tolist() == masks.flatten(1).sum(1).tolist()
+    assert count_ones(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0,)
+    masks = (torch.rand(2, 30, 50) > 0.5).to(torch.uint8)
+    for lsj_size, offset in (((60, 100), (5, 40)), ((12, 20), (0, 0))):
+        plain = lsj_masks(masks, lsj_size, offset, False, 32)
+        assert torch.equal(lsj_masks(masks, lsj_size, offset, True, 32), plain.flip(-1))

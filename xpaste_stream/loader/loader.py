@@ -27,8 +27,8 @@ from nvidia.dali.backend import TensorListGPU
 from .. import formats, urls
 from ..config import check
 from .config import LoaderConfig, PasteConfig
-from .pipeline import copy_paste_pipeline, input_names
-from .plan import CategoryStats, PastePlan, Planner, assemble
+from .pipeline import copy_paste_pipeline, crop_padding, input_names
+from .plan import CategoryStats, PastePlan, Planner, assemble, lsj_window, paste_geometry
 from .sources import Background, InstanceFetcher, LoaderCounters, background_reader, parse_background
 from .targets import build_targets, lsj_masks
 
@@ -42,7 +42,8 @@ class Batch:
     """One composited batch. `images`: (B, 3, S, S) uint8 on the loader's device; `targets`:
     torchvision detection dicts; `plan`: every random choice made; `debug`: with
     `LoaderConfig.debug`, the LSJ'd backgrounds (B, S, S, 3), the LSJ'd real masks per image
-    and `crops[k][i]`, the resized and flipped RGBA instance of slot k of image i (numpy)."""
+    and `crops[k][i]`, the resized and flipped RGBA instance of slot k of image i (numpy; a
+    1 x 1 transparent pixel where the slot is empty or its crop lies entirely off the canvas)."""
 
     images: torch.Tensor
     targets: list[dict]
@@ -239,14 +240,22 @@ class CopyPasteLoader:
         fetched[-1] = self.fetcher.placeholder
         k_slots = self.paste.slots
         filled = [[fetched[int(plan.ids[i, k])] for k in range(k_slots)] for i in range(len(plan.ids))]
+        size = self.paste.output_size
+        geometry = paste_geometry(plan, size, crop_padding(self.paste))
+        whole = np.broadcast_to(np.array([0, 0, size, size], np.int32), (*plan.ids.shape, 4))
         columns = {
             "bg_bytes": [bg.data for bg in backgrounds],
-            "lsj_size": list(plan.lsj_size.astype(np.float32)),
-            "lsj_start": list(plan.lsj_offset.astype(np.int32)),
-            "lsj_flip": list(plan.lsj_flip.astype(np.int32)),
+            **lsj_window(plan, size),
             "slot_size": list(plan.size.astype(np.float32)),
-            "slot_start": list((-plan.pos).astype(np.int32)),
             "slot_flip": list(plan.flip.astype(np.int32)),
+            "slot_pos": list(plan.pos.astype(np.int32)),
+            "on_canvas": list(geometry["on"].astype(np.int32)),
+            "crop_start": list(geometry["start"]),
+            "crop_shape": list(geometry["shape"]),
+            # multi_paste regions (B, K, 2, 2): the whole canvas, then the crop's on-canvas part
+            "in_anchors": list(np.stack([whole[..., :2], geometry["paste_from"]], 2)),
+            "out_anchors": list(np.stack([whole[..., :2], geometry["paste_to"]], 2)),
+            "paste_shapes": list(np.stack([whole[..., 2:], geometry["extent"]], 2)),
         }
         for k in range(k_slots):
             columns[f"jpg{k}"] = [_as_array(row[k]["jpg"]) for row in filled]
@@ -269,19 +278,19 @@ class CopyPasteLoader:
     def _finish(self, outputs, planned: _Planned) -> Batch:
         plan, size = planned.plan, self.paste.output_size
         images = to_torch(outputs[0], self.device)
-        slot_masks = to_torch(outputs[1], self.device)
+        ids, extents = to_torch(outputs[1], self.device), to_torch(outputs[2], self.device)
         real = [lsj_masks(torch.from_numpy(bg.masks).to(self.device), plan.lsj_size[i],
                           plan.lsj_offset[i], bool(plan.lsj_flip[i]), size)
                 for i, bg in enumerate(planned.backgrounds)]
-        targets = build_targets(slot_masks, real, [bg.labels for bg in planned.backgrounds],
+        targets = build_targets(ids, extents, real, [bg.labels for bg in planned.backgrounds],
                                 plan, self.paste)
         self._count(planned, targets)
         debug = None
         if self.config.debug:
-            debug = {"backgrounds": to_torch(outputs[2], torch.device("cpu")).numpy(),
+            debug = {"backgrounds": to_torch(outputs[3], torch.device("cpu")).numpy(),
                      "real_masks": [m.cpu().numpy() for m in real],
                      "real_labels": [bg.labels for bg in planned.backgrounds],
-                     "crops": [_samples(out) for out in outputs[3:]]}
+                     "crops": [_samples(out) for out in outputs[4:]]}
         return Batch(images, targets, plan, debug)
 
     def _count(self, planned: _Planned, targets: list[dict]) -> None:

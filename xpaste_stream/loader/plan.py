@@ -135,3 +135,38 @@ def assemble(image_ids: np.ndarray, image_sizes: np.ndarray, lsj: tuple, counts:
     plan.pos[i, k] = placed["pos"][ok]
     plan.flip[i, k] = placed["flip"][ok]
     return plan
+
+
+
+def paste_geometry(plan: PastePlan, size: int, pad: int = 0) -> dict[str, np.ndarray]:
+    """Where each slot's crop (the instance grown by `pad` on every side) lands on the canvas,
+    as (B, K, 2) int32 arrays: `start` its top-left corner and `shape` its (h, w); `paste_from`
+    / `paste_to` the top-left of its on-canvas part in crop / canvas pixels and `extent` that
+    part's (h, w); and `on` (B, K): whether anything lands (False for an empty slot or a crop
+    entirely off the canvas; its other entries are then zero)."""
+    start = plan.pos - pad
+    top = np.clip(start, 0, size)
+    bottom = np.clip(start + plan.size + 2 * pad, 0, size)
+    on = plan.active & (bottom > top).all(-1)
+    extent = np.where(on[..., None], bottom - top, 0).astype(np.int32)
+    paste_to = np.where(on[..., None], top, 0).astype(np.int32)
+    paste_from = np.where(on[..., None], top - start, 0).astype(np.int32)
+    return {"start": start.astype(np.int32), "shape": (plan.size + 2 * pad).astype(np.int32),
+            "paste_from": paste_from, "paste_to": paste_to, "extent": extent, "on": on}
+
+
+def lsj_window(plan: PastePlan, size: int) -> dict[str, list]:
+    """The LSJ of `plan` as one ROI resize: the window [y0, y0 + S) x [x0, x0 + S) of the image
+    resized to `lsj_size`, in input pixels (x reversed for a flip), its output size (the
+    window minus what lies beyond the resized image) and where the zero padding goes."""
+    scale = plan.image_sizes / plan.lsj_size                        # input px per output px
+    out = np.minimum(size, plan.lsj_size - plan.lsj_offset)         # >= 1: offset <= room
+    start, end = plan.lsj_offset * scale, (plan.lsj_offset + out) * scale
+    flip = plan.lsj_flip
+    start[:, 1], end[:, 1] = (np.where(flip, end[:, 1], start[:, 1]),
+                              np.where(flip, start[:, 1], end[:, 1]))
+    pad = np.zeros((len(out), 3), np.int32)
+    pad[:, 1] = np.where(flip, out[:, 1] - size, 0)                 # flipped: padding on the left
+    return {"lsj_roi_start": list(start.astype(np.float32)),
+            "lsj_roi_end": list(end.astype(np.float32)),
+            "lsj_out_size": list(out.astype(np.float32)), "lsj_pad_start": list(pad)}
