@@ -18,7 +18,8 @@ from xpaste_stream.config import ConfigError, from_dict
 from xpaste_stream.extract import ExtractConfig, run_extract
 from xpaste_stream.extract.postprocess import clean_mask, tight_box
 from xpaste_stream.generate import GenerateConfig, run_generate
-from xpaste_stream.pipeline import load_pipeline
+from xpaste_stream.loader import PasteConfig
+from xpaste_stream.pipeline import load_pipeline, loader_from_pipeline
 from xpaste_stream.shards import ShardWriter, iter_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +132,7 @@ def test_shipped_pipeline_files_parse(tmp_path):
     assert cfg.generate.prompt_template == "a photo of a single {name}"
     e = cfg.extract
     assert (e.mask_threshold, e.min_area_ratio, e.max_area_ratio) == (128, 0.05, 0.95)
+    assert cfg.loader.paste == PasteConfig()  # the preset spells out the defaults: the recipe
 
 
 def test_run_pipeline_from_the_command_line_resumes(tmp_path, capsys):
@@ -159,6 +161,14 @@ def test_run_pipeline_from_the_command_line_resumes(tmp_path, capsys):
         inputs = ["{tmp_path}/inst/inst-*.tar"]
         output = "{tmp_path}/bank"
         workers = 1
+        [loader]
+        backgrounds = ["{tmp_path}/bg/bg-*.tar"]
+        bank = "{tmp_path}/bank"
+        [loader.paste]
+        output_size = 64
+        [loader.batching]
+        batch_size = 3
+        num_threads = 1
     """))
     assert cli.main(["run", str(toml), "--quiet"]) == 0
     first = json.loads(capsys.readouterr().out)
@@ -171,6 +181,12 @@ def test_run_pipeline_from_the_command_line_resumes(tmp_path, capsys):
     assert "6 samples" in capsys.readouterr().out
     assert cli.main(["inspect", str(tmp_path / "bank")]) == 0
     assert "instances" in capsys.readouterr().out
+
+    loader = loader_from_pipeline(str(toml))  # the pipeline's outputs feed the training loader
+    batches = list(loader)
+    assert [tuple(b.images.shape) for b in batches] == [(3, 3, 64, 64), (3, 3, 64, 64)]
+    labels = {int(v) for b in batches for t in b.targets for v in t["labels"]}
+    assert labels <= {1, 2, 3}
 
 
 def test_inspect_reports_broken_samples_and_damaged_shards(tmp_path, capsys):

@@ -5,7 +5,9 @@ typed config (see pipelines/*.toml). The whole file is checked before any stage 
 stage resumes from what an earlier run finished (shards with stats are skipped).
 
 Stages: `scenes` (a procedural COCO/LVIS-format dataset), `pack_coco` (background shards),
-`generate` (image shards), `extract` (instance shards), `index` (the instance bank).
+`generate` (image shards), `extract` (instance shards), `index` (the instance bank). A `[loader]`
+table describes the training loader that consumes them (`loader_from_pipeline`), with the paste
+recipe in `[loader.paste]` and batching in `[loader.batching]`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .config import ConfigError, from_dict, load_toml
 from .extract import ExtractConfig, run_extract
 from .generate import GenerateConfig, run_generate
 from .generate.procedural import SceneSpec, category_names, write_scene_dataset
+from .loader.config import LoaderConfig, PasteConfig
 from .pack import PackCocoConfig, run_pack_coco
 
 Stage = Literal["scenes", "pack_coco", "generate", "extract", "index"]
@@ -65,6 +68,28 @@ class IndexConfig:
 
 
 @dataclass
+class LoaderSection:
+    """Where the loader reads (shards, bank) and how it pastes and batches."""
+
+    backgrounds: list[str]
+    bank: str
+    categories: str | None = None  # default: categories.json beside the background shards
+    paste: PasteConfig = field(default_factory=PasteConfig)
+    batching: LoaderConfig = field(default_factory=LoaderConfig)
+
+    def validate(self) -> None:
+        if not self.backgrounds:
+            raise ValueError("backgrounds: no background shards given")
+
+    def check_inputs(self) -> None:
+        found = urls.expand(self.backgrounds)
+        if not found or not all(urls.exists(u) for u in found):
+            raise ConfigError(f"background shards {self.backgrounds} not found")
+        if not os.path.exists(os.path.join(self.bank, "manifest.json")):
+            raise ConfigError(f"bank {self.bank} not found (no manifest.json)")
+
+
+@dataclass
 class PipelineSection:
     name: str = "pipeline"
     stages: list[Stage] = field(default_factory=list)
@@ -85,7 +110,7 @@ class PipelineConfig:
     generate: GenerateConfig | None = None
     extract: ExtractConfig | None = None
     index: IndexConfig | None = None
-    loader: dict | None = None  # read by the loader (xpaste_stream.loader.config), not a stage
+    loader: LoaderSection | None = None  # what the training loader reads; not a stage
 
     def validate(self) -> None:
         for stage in self.pipeline.stages:
@@ -107,14 +132,16 @@ def load_pipeline(path: str) -> PipelineConfig:
     return cfg
 
 
-# a stage's inputs come from the stage named here when both run in one pipeline
-_PRODUCER = {"pack_coco": "scenes", "extract": "generate", "index": "extract"}
+# a stage's inputs come from the stages named here when they run in the same pipeline
+_PRODUCERS = {"pack_coco": {"scenes"}, "extract": {"generate"}, "index": {"extract"},
+              "loader": {"pack_coco", "index"}}
 
 
 def check_inputs(cfg: PipelineConfig, where: str = "pipeline") -> None:
-    """Inputs that no earlier stage of this pipeline produces must exist before anything runs."""
-    for stage in cfg.pipeline.stages:
-        if _PRODUCER.get(stage) in cfg.pipeline.stages:
+    """Inputs that no stage of this pipeline produces must exist before anything runs."""
+    parts = [*cfg.pipeline.stages, *(["loader"] if cfg.loader else [])]
+    for stage in parts:
+        if _PRODUCERS.get(stage, set()) & set(cfg.pipeline.stages):
             continue
         check_stage_inputs = getattr(getattr(cfg, stage), "check_inputs", None)
         try:
@@ -162,6 +189,22 @@ def _run_stage(cfg: PipelineConfig, stage: str, progress: bool) -> dict:
                               progress=progress)
         return {k: v for k, v in summary.items() if k != "shards_read"}
     raise ConfigError(f"unknown stage {stage!r}")
+
+
+def loader_from_pipeline(path: str, device_id: int | None = None, rank: int = 0,
+                         world_size: int = 1, **overrides):
+    """The CopyPasteLoader a pipeline file's `[loader]` table describes."""
+    from .loader import CopyPasteLoader
+
+    cfg = load_pipeline(path)
+    if cfg.loader is None:
+        raise ConfigError(f"{path}: no [loader] table")
+    section = cfg.loader
+    if cfg.pipeline.stages:  # produced by this pipeline's stages: must exist by now
+        section.check_inputs()
+    return CopyPasteLoader(section.backgrounds, section.bank, section.paste,
+                           config=section.batching, categories=section.categories,
+                           device_id=device_id, rank=rank, world_size=world_size, **overrides)
 
 
 def demo_pipeline(workdir: str, num_categories: int = 20, instances_per_category: int = 30,
