@@ -1,0 +1,60 @@
+"""Repeat-factor sampling of backgrounds: per-epoch index files that DALI's reader follows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def
+
+from xpaste_stream.loader.repeat_factor import (
+    epoch_repeats,
+    sample_repeat_factors,
+    write_epoch_indexes,
+)
+from xpaste_stream.shards import ShardWriter
+
+
+def write_shard(folder, factors: list[float]) -> str:
+    url = str(folder / "bg-000000.tar")
+    writer = ShardWriter(url.replace("000000", "{shard:06d}"), maxcount=1000)
+    writer.resume()
+    for i, r in enumerate(factors):
+        writer.add(i, {"__key__": f"s{i:03d}", "jpg": bytes([i]) * 10,
+                       "json": json.dumps({"repeat_factor": r, "i": i}).encode()})
+    writer.close()
+    return url
+
+
+def test_repeats_follow_floor_plus_bernoulli():
+    factors = np.array([1.0, 1.25, 2.5, 4.0])
+    draws = np.stack([epoch_repeats(factors, seed=1, epoch=e) for e in range(4000)])
+    assert (draws[:, 0] == 1).all() and (draws[:, 3] == 4).all()
+    assert set(np.unique(draws[:, 1])) == {1, 2} and set(np.unique(draws[:, 2])) == {2, 3}
+    # mean of floor(r) + Bernoulli(frac r) is r; 5 standard errors of the Bernoulli part
+    for j, r in ((1, 1.25), (2, 2.5)):
+        frac = r - math.floor(r)
+        assert abs(draws[:, j].mean() - r) < 5 * math.sqrt(frac * (1 - frac) / len(draws))
+    np.testing.assert_array_equal(epoch_repeats(factors, 1, 7), epoch_repeats(factors, 1, 7))
+
+
+def test_dali_reads_each_sample_as_often_as_drawn(tmp_path):
+    factors = [1.0, 3.0, 1.5, 1.0, 2.0]
+    url = write_shard(tmp_path, factors)
+    np.testing.assert_array_equal(sample_repeat_factors(url), factors)
+    paths, total = write_epoch_indexes([url], [np.array(factors)], seed=0, epoch=2,
+                                       folder=str(tmp_path / "rf"))
+    expected = epoch_repeats(np.array(factors), 0 * 100_003 + 0, 2)
+    assert total == expected.sum()
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def reader():
+        return fn.readers.webdataset(paths=[url], index_paths=paths, ext=["json"],
+                                     random_shuffle=False, name="bg")
+
+    pipe = reader()
+    pipe.build()
+    assert pipe.epoch_size("bg") == total
+    seen = [json.loads(bytes(pipe.run()[0].at(0)))["i"] for _ in range(total)]
+    assert np.bincount(seen, minlength=len(factors)).tolist() == expected.tolist()
