@@ -124,15 +124,20 @@ def test_shipped_pipeline_files_parse(tmp_path):
     os.makedirs(tmp_path / "shards" / "lvis-train")
     (tmp_path / "shards" / "lvis-train" / "categories.json").write_text('{"categories": []}')
     cwd = os.getcwd()
+    preset = os.path.join(REPO, "pipelines", "xpaste.toml")
     try:
         os.chdir(tmp_path)
-        cfg = load_pipeline(os.path.join(REPO, "pipelines", "xpaste.toml"))
+        with pytest.raises(ConfigError, match="ViT-L-14") as missing:  # weights are never fetched
+            load_pipeline(preset)
+        assert "xpaste.toml.extract" in str(missing.value)
+        cfg = load_pipeline(preset, check_models=False)
     finally:
         os.chdir(cwd)
     assert cfg.generate.prompt_template == "a photo of a single {name}"
     e = cfg.extract
     assert (e.mask_threshold, e.min_area_ratio, e.max_area_ratio) == (128, 0.05, 0.95)
     assert cfg.loader.paste == PasteConfig()  # the preset spells out the defaults: the recipe
+    assert (cfg.extract.scorer, cfg.extract.clip.model, cfg.index.min_clip) == ("clip", "ViT-L-14", 21.0)
 
 
 def test_run_pipeline_from_the_command_line_resumes(tmp_path, capsys):

@@ -55,6 +55,7 @@ class IndexConfig:
     output: str = "runs/xpaste/bank"
     workers: int = 2
     dedup: bool = False
+    min_clip: float | None = None  # X-Paste filter: keep score >= min(min_clip, best_c - 1); 21
 
     def validate(self) -> None:
         if not self.inputs:
@@ -118,8 +119,10 @@ class PipelineConfig:
                 raise ValueError(f"stage {stage!r} is listed but has no [{stage}] table")
 
 
-def load_pipeline(path: str) -> PipelineConfig:
-    """Parse and check a pipeline file; every error names the file and the key."""
+def load_pipeline(path: str, check_models: bool = True) -> PipelineConfig:
+    """Parse and check a pipeline file; every error names the file and the key.
+
+    With `check_models`, the weights of every model-backed stage must be on this machine."""
     raw = load_toml(path)
     stages = raw.get("pipeline", {}).get("stages", [])
     if "scenes" in stages and isinstance(raw.get("pack_coco"), dict):
@@ -128,7 +131,7 @@ def load_pipeline(path: str) -> PipelineConfig:
         raw["pack_coco"].setdefault("annotations", os.path.join(scenes_dir, "annotations.json"))
         raw["pack_coco"].setdefault("images", os.path.join(scenes_dir, "images"))
     cfg = from_dict(PipelineConfig, raw, path)
-    check_inputs(cfg, path)
+    check_inputs(cfg, path, check_models)
     return cfg
 
 
@@ -137,18 +140,20 @@ _PRODUCERS = {"pack_coco": {"scenes"}, "extract": {"generate"}, "index": {"extra
               "loader": {"pack_coco", "index"}}
 
 
-def check_inputs(cfg: PipelineConfig, where: str = "pipeline") -> None:
-    """Inputs that no stage of this pipeline produces must exist before anything runs."""
+def check_inputs(cfg: PipelineConfig, where: str = "pipeline", check_models: bool = True) -> None:
+    """Inputs no stage of this pipeline produces, and model weights, must exist before any work."""
     parts = [*cfg.pipeline.stages, *(["loader"] if cfg.loader else [])]
     for stage in parts:
-        if _PRODUCERS.get(stage, set()) & set(cfg.pipeline.stages):
-            continue
-        check_stage_inputs = getattr(getattr(cfg, stage), "check_inputs", None)
-        try:
-            if check_stage_inputs is not None:
-                check_stage_inputs()
-        except ValueError as e:
-            raise ConfigError(f"{where}.{stage}: {e}") from None
+        section = getattr(cfg, stage)
+        checks = [] if _PRODUCERS.get(stage, set()) & set(cfg.pipeline.stages) else ["check_inputs"]
+        checks += ["check_models"] if check_models else []
+        for name in checks:
+            method = getattr(section, name, None)
+            try:
+                if method is not None:
+                    method()
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"{where}.{stage}: {e}") from None
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True, report: str | None = None) -> dict:
@@ -186,7 +191,7 @@ def _run_stage(cfg: PipelineConfig, stage: str, progress: bool) -> dict:
 
         i = cfg.index
         summary = build_index(urls.expand(i.inputs), i.output, workers=i.workers, dedup=i.dedup,
-                              progress=progress)
+                              min_clip=i.min_clip, progress=progress)
         return {k: v for k, v in summary.items() if k != "shards_read"}
     raise ConfigError(f"unknown stage {stage!r}")
 

@@ -3,12 +3,19 @@
 1. Identify every shard (path, size, mtime). Shards the previous bank in `out_dir` indexed with
    the same identity are reused from its columns; only new or changed shards are read.
 2. Read those shards in parallel (a process pool, one shard per task) with `scan_shard`.
-3. With dedup, mark instances whose image hash equals an earlier one of the same category
-   ("earlier" = shard order given, then file order), so a rebuild from scratch and an
+3. With `min_clip`, drop the X-Paste CLIP filter's rejects: a scored instance is kept when its
+   score >= min(min_clip, best score of its category - 1), a global bar relaxed per category so
+   no category is emptied. The bar needs every score of a category, hence here and not in
+   extract. Instances without a score are kept (and counted).
+4. With dedup, mark instances whose image hash equals an earlier kept one of the same category
+   ("earlier" = shard order given, then file order).
+   Both rules are recomputed over all rows on every build, so a rebuild from scratch and an
    incremental update keep exactly the same instances.
-4. Sort rows by (duplicate, category, shard, offset): the kept instances of a category form one
-   contiguous id range (O(1) draws, reads in file order), duplicates follow all kept instances.
-5. Remove the old manifest, write the columns, then the new manifest, then stats.json: a build
+5. Sort rows by (dropped, category, shard, offset): the kept instances of a category form one
+   contiguous id range (O(1) draws, reads in file order); dropped rows (filtered or duplicate)
+   follow all kept instances, readable but never drawn, and still indexed so an update with
+   another bar needs no re-read.
+6. Remove the old manifest, write the columns, then the new manifest, then stats.json: a build
    interrupted while writing leaves a folder that is not a bank, never a manifest describing
    columns it does not match.
 
@@ -45,7 +52,7 @@ DEDUP_METHOD = "dhash64-exact-per-category"
 
 
 def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool = False,
-                progress: bool = True) -> dict:
+                progress: bool = True, min_clip: float | None = None) -> dict:
     """Index instance shards into the bank folder `out_dir`; return a summary dict.
 
     Rerunning with more shards reads only the new ones. A truncated shard is indexed up to its
@@ -76,17 +83,25 @@ def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool =
         per_shard.append(rows)
 
     rows, shard = _concat(per_shard)
-    duplicate = _find_duplicates(rows, shard) if dedup else np.zeros(len(rows), bool)
-    order = np.lexsort((rows["jpg_block"], shard, rows["category"], duplicate))
-    num_kept = int(len(rows) - duplicate.sum())
+    low_clip = _below_clip_bar(rows, min_clip) if min_clip is not None else np.zeros(len(rows), bool)
+    duplicate = np.zeros(len(rows), bool)
+    if dedup:
+        duplicate[~low_clip] = _find_duplicates(rows[~low_clip], shard[~low_clip])
+    dropped = low_clip | duplicate
+    order = np.lexsort((rows["jpg_block"], shard, rows["category"], dropped))
+    num_kept = int(len(rows) - dropped.sum())
+    clip_filter = {"min_clip": None if min_clip is None else float(min_clip), "dropped": int(low_clip.sum()),
+                   "unscored_kept": int(np.isnan(rows["clip_score"]).sum())}
     os.makedirs(out_dir, exist_ok=True)
     _remove(os.path.join(out_dir, MANIFEST))  # an interrupted write then leaves no stale manifest
     categories, starts = _write_columns(out_dir, rows[order], shard[order], num_kept, dedup)
-    manifest = _manifest(table, len(rows), num_kept, len(categories), dedup)
+    manifest = _manifest(table, len(rows), num_kept, len(categories), dedup, int(duplicate.sum()),
+                         clip_filter)
     write_json(os.path.join(out_dir, MANIFEST), manifest)
 
     summary = {"bank": os.path.abspath(out_dir), "instances": num_kept, "indexed": len(rows),
-               "duplicates_dropped": len(rows) - num_kept, "categories": len(categories),
+               "duplicates_dropped": int(duplicate.sum()), "clip_filter": clip_filter,
+               "categories": len(categories),
                "shards": len(table), "shards_read": [paths[i] for i in to_read],
                "shards_reused": len(reused),
                "truncated": [{"shard": e["path"], **e["truncated"]} for e in table if e["truncated"]],
@@ -155,6 +170,17 @@ def _concat(per_shard: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return rows, shard
 
 
+def _below_clip_bar(rows: np.ndarray, min_clip: float) -> np.ndarray:
+    """True for a scored instance under min(min_clip, best score of its category - 1)."""
+    score = rows["clip_score"].astype(np.float32)
+    scored = ~np.isnan(score)
+    categories, inverse = np.unique(rows["category"], return_inverse=True)
+    best = np.full(len(categories), -np.inf, np.float32)
+    np.maximum.at(best, inverse[scored], score[scored])
+    bar = np.minimum(np.float32(min_clip), best - 1)[inverse]
+    return scored & (score < bar)
+
+
 def _find_duplicates(rows: np.ndarray, shard: np.ndarray) -> np.ndarray:
     """True for an instance whose hash equals that of an earlier instance of its category."""
     position = np.empty(len(rows), np.int64)
@@ -187,14 +213,15 @@ def _write_columns(out_dir: str, rows: np.ndarray, shard: np.ndarray, num_kept: 
 
 
 def _manifest(table: list[dict], num_indexed: int, num_kept: int, num_categories: int,
-              dedup: bool) -> dict:
+              dedup: bool, num_duplicates: int, clip_filter: dict) -> dict:
     columns = {name: np.dtype(dtype).name for name, dtype in COLUMNS.items()}
     if dedup:
         columns[HASH_COLUMN] = "uint64"
     return {"schema": BANK_SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "num_instances": num_kept, "num_indexed": num_indexed,
-            "num_duplicates": num_indexed - num_kept, "num_categories": num_categories,
+            "num_duplicates": num_duplicates, "num_categories": num_categories,
             "dedup": {"enabled": dedup, "method": DEDUP_METHOD if dedup else None,
-                      "dropped": num_indexed - num_kept},
+                      "dropped": num_duplicates},
+            "clip_filter": clip_filter,
             "block_size": 512, "columns": columns, "shards": table,
             "truncated": [e["path"] for e in table if e["truncated"]]}

@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes reading shards (default 2)")
     p.add_argument("--dedup", action="store_true",
                    help="drop near-duplicate images per category (decodes each jpg once to hash it)")
+    p.add_argument("--min-clip", type=float, default=None, metavar="SCORE",
+                   help="X-Paste CLIP filter: keep an instance if its score >= min(SCORE, best "
+                        "score of its category - 1); 21 in the published recipe (default: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_index)
 
@@ -28,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_index(args: argparse.Namespace) -> int:
     shards = urls.expand(args.shards)
     summary = build_index(shards, args.output, workers=args.workers, dedup=args.dedup,
-                          progress=not args.quiet)
+                          progress=not args.quiet, min_clip=args.min_clip)
     print(format_summary(summary))
     return 0
 
@@ -40,6 +43,10 @@ def format_summary(summary: dict) -> str:
              f"in {summary['seconds']:.1f} s, {summary['bytes_per_instance']} bytes/instance"]
     if summary["duplicates_dropped"]:
         lines.append(f"  near-duplicates dropped: {summary['duplicates_dropped']:,}")
+    clip = summary["clip_filter"]
+    if clip["min_clip"] is not None:
+        lines.append(f"  CLIP filter (min {clip['min_clip']:g}, relaxed per category): "
+                     f"{clip['dropped']:,} dropped, {clip['unscored_kept']:,} unscored kept")
     for t in summary["truncated"]:
         lines.append(f"  truncated: {t['shard']} ({t['samples']} whole samples kept; {t['error']})")
     lines.append(f"  stats: {os.path.join(summary['bank'], STATS)}")

@@ -1,5 +1,7 @@
 """Stage 2: cut objects out of generated images into instance shards (docs/FORMATS.md)."""
 
-from .stage import ExtractConfig, extract_one, run_extract
+from .clip_score import ClipConfig, ClipScorer, ClipWeightsMissing
+from .stage import ExtractConfig, extract_batch, extract_one, run_extract
 
-__all__ = ["ExtractConfig", "extract_one", "run_extract"]
+__all__ = ["ClipConfig", "ClipScorer", "ClipWeightsMissing", "ExtractConfig", "extract_batch",
+           "extract_one", "run_extract"]
