@@ -127,9 +127,9 @@ def test_shipped_pipeline_files_parse(tmp_path):
     preset = os.path.join(REPO, "pipelines", "xpaste.toml")
     try:
         os.chdir(tmp_path)
-        with pytest.raises(ConfigError, match="ViT-L-14") as missing:  # weights are never fetched
+        with pytest.raises(ConfigError, match="stable-diffusion-v1-5") as missing:  # never fetched
             load_pipeline(preset)
-        assert "xpaste.toml.extract" in str(missing.value)
+        assert "xpaste.toml.generate" in str(missing.value)
         cfg = load_pipeline(preset, check_models=False)
     finally:
         os.chdir(cwd)
@@ -138,6 +138,9 @@ def test_shipped_pipeline_files_parse(tmp_path):
     assert (e.mask_threshold, e.min_area_ratio, e.max_area_ratio) == (128, 0.05, 0.95)
     assert cfg.loader.paste == PasteConfig()  # the preset spells out the defaults: the recipe
     assert (cfg.extract.scorer, cfg.extract.clip.model, cfg.index.min_clip) == ("clip", "ViT-L-14", 21.0)
+    d = cfg.generate.diffusers
+    assert (cfg.generate.generator, d.steps, d.guidance, d.scheduler) == \
+        ("diffusers", 50, 7.5, "dpm-solver-multistep")
 
 
 def test_run_pipeline_from_the_command_line_resumes(tmp_path, capsys):

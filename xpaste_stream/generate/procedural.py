@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .base import Generated, WorkItem
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (230, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 20),
            "teal": (20, 160, 160), "pink": (240, 110, 170), "brown": (130, 80, 40),
@@ -111,6 +113,25 @@ def object_image(category_id: int, index: int, seed: int, size: int = 512) -> np
     cx, cy = (size / 2 + rng.uniform(-0.1, 0.1, 2) * size).tolist()
     draw_object(img, category_id, rng, cx, cy, radius)
     return np.asarray(img)
+
+
+class ProceduralGenerator:
+    """Stage-1 generator drawing `object_image`s: no weights, any number per category."""
+
+    name = GENERATOR
+    batch_size = 1  # drawing is per image; batching would buy nothing
+
+    def __init__(self, seed: int, size: int):
+        self.seed, self.size = seed, size
+
+    def available(self, category: str) -> None:
+        return None
+
+    def report(self) -> dict:
+        return {}
+
+    def generate(self, items: list[WorkItem]) -> list[Generated]:
+        return [Generated(object_image(i.category_id, i.index, self.seed, self.size)) for i in items]
 
 
 # --- a COCO / LVIS-format scene dataset ---------------------------------------------------

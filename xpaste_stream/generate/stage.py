@@ -1,27 +1,36 @@
 """Stage 1 driver: (category, index) work items -> generator -> image shards.
 
-Work items are numbered category-major, so a rerun resumes exactly where the last finished shard
-ended, and every image's seed derives from (run seed, category id, index): the same config
-always yields the same shards.
+Work items are numbered category-major (position = category slot * images_per_category + index),
+so a rerun resumes exactly where the last finished shard ended, and every image's seed derives
+from (run seed, category id, index): the same config always yields the same shards, whatever the
+batch size. A generator (procedural, diffusers, folder: see base.py) only turns a batch of work
+items into images or failures; numbering, shards and resume live here.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import Literal
 
 from tqdm import tqdm
 
 from .. import formats, urls
+from ..config import ConfigError
 from ..shards import ShardWriter
 from . import procedural
+from .base import Failure, Generator, WorkItem
+from .folder import FolderConfig, FolderGenerator
+from .text2image import DiffusersConfig, DiffusersGenerator
 
 
 @dataclass
 class GenerateConfig:
     output: str = "runs/xpaste/images/gen-{shard:06d}.tar"
-    generator: Literal["procedural"] = "procedural"
+    generator: Literal["procedural", "diffusers", "folder"] = "procedural"
     categories: str | None = None  # categories.json from pack-coco or a COCO/LVIS json; None:
     num_categories: int = 20        # ... the first `num_categories` procedural categories
     images_per_category: int = 1000
@@ -31,6 +40,8 @@ class GenerateConfig:
     jpeg_quality: int = 95
     maxcount: int = 1000
     maxsize: int = 1 << 30
+    diffusers: DiffusersConfig = field(default_factory=DiffusersConfig)  # generator "diffusers"
+    folder: FolderConfig = field(default_factory=FolderConfig)  # generator "folder"
 
     def validate(self) -> None:
         if self.images_per_category < 1:
@@ -45,6 +56,20 @@ class GenerateConfig:
             raise ValueError(f"categories file {self.categories} not found")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in 1..100")
+        if self.generator == "diffusers" and self.image_size % 8:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 8 for diffusers")
+        if self.generator == "folder" and not os.path.isdir(self.folder.root):
+            raise ValueError(f"generator 'folder' needs folder.root, a directory; got {self.folder.root!r}")
+
+    def check_models(self) -> None:
+        """The diffusers weights must be on this machine before any work starts."""
+        if self.generator == "diffusers":
+            from .text2image import ModelLoadError, check_model_available
+
+            try:
+                check_model_available(self.diffusers)
+            except ModelLoadError as e:
+                raise ConfigError(str(e)) from None
 
 
 def load_category_list(path: str) -> list[tuple[int, str]]:
@@ -66,24 +91,55 @@ def _categories(cfg: GenerateConfig) -> list[tuple[int, str]]:
     return list(enumerate(procedural.category_names(cfg.num_categories), start=1))
 
 
-def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict:
-    """Generate `images_per_category` images for every category; returns shard totals."""
-    cats = _categories(cfg)
+def make_generator(cfg: GenerateConfig, categories: list[tuple[int, str]]) -> Generator:
+    if cfg.generator == "diffusers":
+        return DiffusersGenerator(cfg.diffusers, cfg.seed, cfg.image_size)
+    if cfg.generator == "folder":
+        return FolderGenerator(cfg.folder.root, categories, cfg.image_size)
+    return procedural.ProceduralGenerator(cfg.seed, cfg.image_size)
+
+
+def _work_items(cfg: GenerateConfig, cats: list[tuple[int, str]], counts: list[int],
+                start: int) -> Iterator[WorkItem]:
     per = cfg.images_per_category
+    for slot, ((cat_id, name), n) in enumerate(zip(cats, counts, strict=True)):
+        prompt = cfg.prompt_template.format(name=name.replace("_", " "))
+        for index in range(max(0, start - slot * per), n):
+            yield WorkItem(slot * per + index, cat_id, name, index, prompt)
+
+
+def _batches(items: Iterable[WorkItem], size: int) -> Iterator[list[WorkItem]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def run_generate(cfg: GenerateConfig, progress: bool = True,
+                 generator: Generator | None = None) -> dict:
+    """Generate up to `images_per_category` images for every category; returns shard totals.
+
+    `generator` overrides the one the config names (benchmarks pass a prebuilt pipeline).
+    """
+    cats = _categories(cfg)
+    gen = generator if generator is not None else make_generator(cfg, cats)
+    per = cfg.images_per_category
+    counts = [per if (n := gen.available(name)) is None else min(per, n) for _, name in cats]
     writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize)
     start = writer.resume()
-    total = len(cats) * per
-    with tqdm(total=total, initial=min(start, total), desc="generate", unit="img",
+    done = sum(min(n, max(0, start - slot * per)) for slot, n in enumerate(counts))
+    with tqdm(total=sum(counts), initial=done, desc="generate", unit="img",
               disable=not progress) as bar:
-        for position in range(start, total):
-            cat_id, name = cats[position // per]
-            index = position % per
-            rgb = procedural.object_image(cat_id, index, cfg.seed, cfg.image_size)
-            writer.add(position, formats.image_sample(
-                formats.image_key(cat_id, index), formats.encode_jpeg(rgb, cfg.jpeg_quality),
-                category_id=cat_id, category=name,
-                prompt=cfg.prompt_template.format(name=name.replace("_", " ")),
-                seed=cfg.seed, generator=procedural.GENERATOR,
-                width=cfg.image_size, height=cfg.image_size))
-            bar.update(1)
-    return writer.close()
+        for batch in _batches(_work_items(cfg, cats, counts, start), gen.batch_size):
+            for item, result in zip(batch, gen.generate(batch), strict=True):
+                if isinstance(result, Failure):
+                    writer.fail(item.position, result.reason, result.detail)
+                    continue
+                height, width = result.rgb.shape[:2]
+                meta = {"category_id": item.category_id, "category": item.category,
+                        "prompt": item.prompt, "seed": cfg.seed, "generator": gen.name,
+                        "width": width, "height": height, **result.meta}
+                writer.add(item.position, formats.image_sample(
+                    formats.image_key(item.category_id, item.index),
+                    formats.encode_jpeg(result.rgb, cfg.jpeg_quality), **meta))
+            bar.update(len(batch))
+    return {**writer.close(), "generator": gen.name, **gen.report()}
