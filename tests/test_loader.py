@@ -392,3 +392,12 @@ def test_count_ones_and_flipped_lsj_masks():
     for lsj_size, offset in (((60, 100), (5, 40)), ((12, 20), (0, 0))):
         plain = lsj_masks(masks, lsj_size, offset, False, 32)
         assert torch.equal(lsj_masks(masks, lsj_size, offset, True, 32), plain.flip(-1))
+
+
+def test_torch_threads_restored_after_each_batch(dataset):
+    import torch
+
+    urls, bank = dataset
+    before = torch.get_num_threads()
+    loader = CopyPasteLoader(urls, bank, small(), batch_size=4, torch_threads=1)
+    assert len(epoch(loader)) == 3 and torch.get_num_threads() == before

@@ -23,6 +23,12 @@ def register(subparsers) -> None:
     demo.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     demo.add_argument("--blending", choices=["hard", "alpha", "gaussian"], default="hard")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--pool", type=int, default=1024,
+                      help="decoded instances kept in the pool (faster; see loader/pool.py)")
+    demo.add_argument("--pool-refresh", type=float, default=0.25,
+                      help="fraction of a batch's pastes replaced by fresh draws in the pool")
+    demo.add_argument("--no-pool", dest="pool", action="store_const", const=0,
+                      help="decode every pasted instance on demand")
     demo.set_defaults(func=run_demo)
 
     bench = subparsers.add_parser("bench", help="throughput benchmarks")
@@ -57,7 +63,8 @@ def run_demo(args) -> int:
     from .preview import save_grid
 
     data = demo_data(args.workdir, args.seed)
-    paste = PasteConfig(output_size=args.size, blending=args.blending)
+    paste = PasteConfig(output_size=args.size, blending=args.blending, instance_pool=args.pool,
+                        instance_pool_refresh=args.pool_refresh)
     loader = CopyPasteLoader(data["backgrounds"], data["bank"], paste, categories=data["categories"],
                              batch_size=args.batch_size, device_id=args.device,
                              num_threads=args.threads, seed=args.seed)
@@ -78,6 +85,7 @@ def run_demo(args) -> int:
     save_grid(first, names, grid)
     stats = {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 2),
              "pasted_instances_per_s": round(pasted / seconds, 2), "output_size": args.size,
+             "instance_pool": args.pool, "instance_pool_refresh": args.pool_refresh,
              "device": "cpu" if args.device is None else f"cuda:{args.device}",
              "counters": loader.stats(), "grid": grid}
     with open(os.path.join(args.workdir, "demo-stats.json"), "w") as f:

@@ -7,13 +7,15 @@
 
 Three stages run concurrently:
 1. a producer thread reads backgrounds (DALI reader pipeline, CPU), checks them, decodes their
-   RLE annotations, draws the paste plan and fetches instance bytes from the bank;
+   RLE annotations, draws the paste plan and fetches instance bytes from the bank, or, with
+   `PasteConfig.instance_pool`, takes decoded instances from the pool it refreshes (pool.py);
 2. the DALI compositing pipeline (GPU when `device_id` is set) decodes, jitters and pastes;
 3. the calling thread turns its outputs into targets with torch on the same device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -29,6 +31,7 @@ from ..config import check
 from .config import LoaderConfig, PasteConfig
 from .pipeline import copy_paste_pipeline, crop_padding, input_names
 from .plan import CategoryStats, PastePlan, Planner, assemble, lsj_window, paste_geometry
+from .pool import PLACEHOLDER_RGBA, InstancePool, decode_rgba
 from .sources import Background, InstanceFetcher, LoaderCounters, background_reader, parse_background
 from .targets import build_targets, lsj_masks
 
@@ -103,6 +106,10 @@ class CopyPasteLoader:
                                if self.paste.category_sampling == "repeat_factor" else None)
         self.fetcher = InstanceFetcher(self.bank, sampler, self.config.instance_retries,
                                        self._producing)
+        self.pool = None  # decoded instances; filled by the producer thread at the first batch
+        if self.paste.instance_pool:
+            self.pool = InstancePool(self.fetcher, self.paste.instance_pool,
+                                     self.paste.instance_pool_refresh, seed, rank)
 
         cfg = self.config
         self.reader = background_reader(
@@ -129,7 +136,9 @@ class CopyPasteLoader:
             except StopIteration:
                 self.pipe.reset()
                 return
-            yield self._finish(outputs, self._in_flight.popleft())
+            with self._torch_threads():
+                batch = self._finish(outputs, self._in_flight.popleft())
+            yield batch
 
     def stats(self) -> dict:
         """Counters: backgrounds used and skipped, instances pasted, kept, corrupt, ..."""
@@ -217,7 +226,8 @@ class CopyPasteLoader:
         sizes = np.array([[bg.height, bg.width] for bg in backgrounds], np.int32)
         lsj = self.planner.draw_lsj(sizes)
         counts = self.planner.draw_counts(len(backgrounds))
-        ids, payloads = self.fetcher.draw(int(counts.sum()))
+        draw = self.pool.draw if self.pool else self.fetcher.draw
+        ids, payloads = draw(int(counts.sum()))  # payloads: bytes, or decoded with the pool
         usable = ids >= 0
         known = np.where(usable, ids, 0)
         labels = self.bank.categories_of(known).astype(np.int64)
@@ -236,8 +246,11 @@ class CopyPasteLoader:
         """Per-sample arrays in the order of `pipeline.input_names`; empty slots get the
         transparent placeholder. Ids a plan hook put in are read here (unchecked)."""
         extra = sorted(set(plan.ids[plan.active].tolist()) - set(fetched))
-        fetched.update(zip(extra, self.bank.read_many(extra) if extra else [], strict=True))
-        fetched[-1] = self.fetcher.placeholder
+        payloads = self.bank.read_many(extra) if extra else []
+        if self.pool:
+            payloads = [decode_rgba(p) for p in payloads]
+        fetched.update(zip(extra, payloads, strict=True))
+        fetched[-1] = PLACEHOLDER_RGBA if self.pool else self.fetcher.placeholder
         k_slots = self.paste.slots
         filled = [[fetched[int(plan.ids[i, k])] for k in range(k_slots)] for i in range(len(plan.ids))]
         size = self.paste.output_size
@@ -258,9 +271,12 @@ class CopyPasteLoader:
             "paste_shapes": list(np.stack([whole[..., 2:], geometry["extent"]], 2)),
         }
         for k in range(k_slots):
-            columns[f"jpg{k}"] = [_as_array(row[k]["jpg"]) for row in filled]
-            columns[f"mask{k}"] = [_as_array(row[k]["mask.png"]) for row in filled]
-        return tuple(columns[name] for name in input_names(k_slots))
+            if self.pool:
+                columns[f"rgba{k}"] = [row[k] for row in filled]
+            else:
+                columns[f"jpg{k}"] = [_as_array(row[k]["jpg"]) for row in filled]
+                columns[f"mask{k}"] = [_as_array(row[k]["mask.png"]) for row in filled]
+        return tuple(columns[name] for name in input_names(k_slots, self.pool is not None))
 
     # -- DALI source and outputs -----------------------------------------------------------
 
@@ -292,6 +308,19 @@ class CopyPasteLoader:
                      "real_labels": [bg.labels for bg in planned.backgrounds],
                      "crops": [_samples(out) for out in outputs[4:]]}
         return Batch(images, targets, plan, debug)
+
+    @contextlib.contextmanager
+    def _torch_threads(self):
+        """`LoaderConfig.torch_threads` while targets are built on the CPU, then restored."""
+        before, wanted = torch.get_num_threads(), self.config.torch_threads
+        change = self.device.type == "cpu" and wanted and wanted != before
+        if change:
+            torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            if change:
+                torch.set_num_threads(before)
 
     def _count(self, planned: _Planned, targets: list[dict]) -> None:
         c = self.counters

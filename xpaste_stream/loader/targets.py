@@ -107,13 +107,22 @@ def build_targets(ids: torch.Tensor, extents: torch.Tensor, real_masks: list[tor
         torch.zeros((0, *ids.shape[1:]), dtype=torch.uint8, device=device)
     real_image = torch.repeat_interleave(torch.arange(b, device=device), counts)
     free = (ids == 0).view(torch.uint8)
-    real_visible = real & free.index_select(0, real_image)
 
     active = torch.from_numpy(plan.active.reshape(-1)).to(device)       # only filled slots
     pasted_image = torch.arange(b, device=device).repeat_interleave(k)[active]
     pasted_slot = torch.arange(1, k + 1, device=device).repeat(b)[active].to(torch.uint8)
-    pasted_visible = (ids.index_select(0, pasted_image) == pasted_slot.view(-1, 1, 1)).view(torch.uint8)
     placed = extents.flatten(0, 1)[active]                               # (P, 2, S)
+    # visible masks image by image, broadcasting the image's id map (no per-object copy of it)
+    real_visible = torch.empty_like(real)
+    pasted_visible = torch.empty((len(pasted_image), *ids.shape[1:]), dtype=torch.bool, device=device)
+    per_image = plan.active.sum(1).tolist()
+    r0 = p0 = 0
+    for i, (n_real, n_pasted) in enumerate(zip(counts.tolist(), per_image, strict=True)):
+        torch.bitwise_and(real[r0:r0 + n_real], free[i], out=real_visible[r0:r0 + n_real])
+        torch.eq(ids[i], pasted_slot[p0:p0 + n_pasted].view(-1, 1, 1),
+                 out=pasted_visible[p0:p0 + n_pasted])
+        r0, p0 = r0 + n_real, p0 + n_pasted
+    pasted_visible = pasted_visible.view(torch.uint8)
 
     old = torch.cat([boxes_from_masks(real), boxes_from_extents(placed[:, 0], placed[:, 1])])
     new = torch.cat([boxes_from_masks(real_visible), boxes_from_masks(pasted_visible)])
