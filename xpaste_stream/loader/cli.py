@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     loader = what.add_parser("loader", help="loader images/s vs a decode-only DALI pipeline",
                              description="Measures the loader and a decode-only DALI pipeline on "
                                          "the same shards and device; writes "
-                                         "benchmarks/results/loader-DEVICE.json.")
+                                         "benchmarks/results/loader-vs-decode-DEVICE.json "
+                                         "(benchmarks/bench_loader.py adds the CPU baselines).")
     loader.add_argument("--workdir", default="./runs/demo", help="demo data (built if missing)")
     loader.add_argument("--backgrounds", default=None, help="background shard URLs (brace pattern)")
     loader.add_argument("--bank", default=None)
@@ -116,7 +117,7 @@ def run_bench(args) -> int:
               "figures": {"loader": loader, "decode_only": ceiling},
               "ratios": {"loader_vs_decode_only": loader["images_per_s"] / ceiling["images_per_s"]}}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"loader-{device}.json")
+    path = os.path.join(args.out, f"loader-vs-decode-{device}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"loader {loader['images_per_s']:.1f} images/s, decode-only {ceiling['images_per_s']:.1f} "
