@@ -58,3 +58,29 @@ def test_dali_reads_each_sample_as_often_as_drawn(tmp_path):
     assert pipe.epoch_size("bg") == total
     seen = [json.loads(bytes(pipe.run()[0].at(0)))["i"] for _ in range(total)]
     assert np.bincount(seen, minlength=len(factors)).tolist() == expected.tolist()
+
+
+def test_loader_repeats_backgrounds_by_their_factor(tmp_path):
+    from test_loader_fixtures import default_backgrounds, write_backgrounds, write_bank, write_categories
+
+    from xpaste_stream import formats
+    from xpaste_stream.loader import CopyPasteLoader, PasteConfig
+
+    samples = default_backgrounds(6)
+    meta = json.loads(samples[2]["json"])
+    meta["repeat_factor"] = 3.0  # a rare-category image: 3 times per epoch
+    samples[2]["json"] = formats.json_bytes(meta)
+    bg = tmp_path / "bg"
+    bg.mkdir()
+    urls = write_backgrounds(str(bg), samples, per_shard=3)
+    write_categories(str(bg), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    bank = write_bank(str(tmp_path))
+    paste = PasteConfig(output_size=32, max_pastes=1)
+    for sampling, expected in (("repeat_factor", [0, 1, 2, 2, 2, 3, 4, 5]),
+                               ("uniform", [0, 1, 2, 3, 4, 5])):
+        loader = CopyPasteLoader(urls, bank, paste, batch_size=2, num_threads=1,
+                                 background_sampling=sampling)
+        for epoch in range(2):
+            ids = sorted(t["image_id"] for b in loader for t in b.targets)
+            assert ids == expected, (sampling, epoch)
+            assert loader.epoch_size(epoch) == len(expected)

@@ -97,6 +97,9 @@ class LoaderConfig:
     prefetch: int = 2                   # batches planned / composited ahead of the training step
     shuffle: bool = True                # shuffle backgrounds within a buffer of `shuffle_buffer`
     shuffle_buffer: int = 1024
+    # backgrounds per epoch: each once ("uniform"), or floor(r) + Bernoulli(frac r) times with
+    # r the LVIS image repeat factor pack-coco stored (the original's RepeatFactorTrainingSampler)
+    background_sampling: Literal["uniform", "repeat_factor"] = "repeat_factor"
     seed: int = 0
     debug: bool = False                 # also return the LSJ'd background and resized instances
     instance_retries: int = 4           # redraws for an instance whose bytes are corrupt

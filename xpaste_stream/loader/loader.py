@@ -15,9 +15,12 @@ Three stages run concurrently:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
+import shutil
+import tempfile
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from .config import LoaderConfig, PasteConfig
 from .pipeline import copy_paste_pipeline, crop_padding, input_names
 from .plan import CategoryStats, PastePlan, Planner, assemble, lsj_window, paste_geometry
 from .pool import PLACEHOLDER_RGBA, InstancePool, decode_rgba
+from .repeat_factor import sample_repeat_factors, write_epoch_indexes
 from .sources import Background, InstanceFetcher, LoaderCounters, background_reader, parse_background
 from .targets import build_targets, lsj_masks
 
@@ -112,10 +116,14 @@ class CopyPasteLoader:
                                      self.paste.instance_pool_refresh, seed, rank)
 
         cfg = self.config
-        self.reader = background_reader(
-            paths=self.urls, shard_id=rank, num_shards=world_size, shuffle=cfg.shuffle,
-            shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.batch_size, num_threads=1,
-            device_id=None, seed=seed * 1000 + rank, prefetch_queue_depth=2)
+        # repeat-factor sampling: per-sample factors once; all 1 (COCO, frequent LVIS) = uniform
+        self._repeat = None
+        if cfg.background_sampling == "repeat_factor":
+            factors = [sample_repeat_factors(u) for u in self.urls]
+            if any((f != 1.0).any() for f in factors):
+                self._repeat = factors
+        self._reader_epoch: int | None = None
+        self.reader = self._new_reader(shard_id=rank, epoch=0)
         self.pipe = copy_paste_pipeline(
             source=self._next_inputs, paste=self.paste, gpu=device_id is not None, debug=cfg.debug,
             batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id,
@@ -124,6 +132,7 @@ class CopyPasteLoader:
         self._in_flight: deque[_Planned] = deque()
         self._thread: threading.Thread | None = None
         self._built = False
+        self._index_dir: str | None = None
 
     # -- public -----------------------------------------------------------------------------
 
@@ -166,11 +175,34 @@ class CopyPasteLoader:
         """Backgrounds this rank reads in `epoch` (DALI moves each rank to the next shard of
         the data set every epoch, so over `world_size` epochs every rank sees everything)."""
         self._build_reader()
+        self._use_epoch(epoch)
         total = self.reader.reader_meta("backgrounds")["epoch_size"]
         shard = (self.rank + epoch) % self.world_size
         return total * (shard + 1) // self.world_size - total * shard // self.world_size
 
     # -- producer thread: read, check, plan, fetch ------------------------------------------
+
+    def _new_reader(self, shard_id: int, epoch: int, index_paths: list[str] | None = None):
+        cfg = self.config
+        return background_reader(
+            paths=self.urls, shard_id=shard_id, num_shards=self.world_size, shuffle=cfg.shuffle,
+            shuffle_buffer=cfg.shuffle_buffer, index_paths=index_paths,
+            batch_size=cfg.batch_size, num_threads=1, device_id=None,
+            seed=cfg.seed * 1000 + self.rank + 7919 * epoch, prefetch_queue_depth=2)
+
+    def _use_epoch(self, epoch: int) -> None:
+        """With repeat factors, a fresh reader over this epoch's index files, started on the
+        shard DALI's own rotation would give this rank (rank + epoch); otherwise nothing."""
+        if self._repeat is None or self._reader_epoch == epoch:
+            return
+        if self._index_dir is None:
+            self._index_dir = tempfile.mkdtemp(prefix="xpaste-rfs-")
+            atexit.register(shutil.rmtree, self._index_dir, ignore_errors=True)
+        folder = os.path.join(self._index_dir, f"rank{self.rank}")
+        paths, _ = write_epoch_indexes(self.urls, self._repeat, self.config.seed, epoch, folder)
+        self.reader = self._new_reader((self.rank + epoch) % self.world_size, epoch, paths)
+        self.reader.build()
+        self._reader_epoch = epoch
 
     def _build_reader(self) -> None:
         if not self._built:

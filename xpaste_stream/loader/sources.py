@@ -46,10 +46,11 @@ def image_ok(data: bytes, ext: str) -> bool:
 
 @pipeline_def
 def background_reader(paths: list[str], shard_id: int, num_shards: int, shuffle: bool,
-                      shuffle_buffer: int):
-    """Raw background samples; the last batch of a shard is padded by repeating a sample."""
+                      shuffle_buffer: int, index_paths: list[str] | None = None):
+    """Raw background samples; the last batch of a shard is padded by repeating a sample.
+    `index_paths` replace the shards' own DALI indexes (repeat-factor sampling's per epoch)."""
     image, meta, ann = fn.readers.webdataset(
-        paths=paths, index_paths=[dali_index_path(p) for p in paths],
+        paths=paths, index_paths=index_paths or [dali_index_path(p) for p in paths],
         ext=["jpg;png", "json", "ann.zst"], missing_component_behavior="empty",
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle,
         initial_fill=shuffle_buffer, pad_last_batch=True, name="backgrounds")
