@@ -35,7 +35,7 @@ from .config import LoaderConfig, PasteConfig
 from .pipeline import copy_paste_pipeline, crop_padding, input_names
 from .plan import CategoryStats, PastePlan, Planner, assemble, lsj_window, paste_geometry
 from .pool import PLACEHOLDER_RGBA, InstancePool, decode_rgba
-from .repeat_factor import sample_repeat_factors, write_epoch_indexes
+from .repeat_factor import sample_repeat_factors, shard_repeats, write_epoch_indexes
 from .sources import Background, InstanceFetcher, LoaderCounters, background_reader, parse_background
 from .targets import build_targets, lsj_masks
 
@@ -158,6 +158,7 @@ class CopyPasteLoader:
         (backgrounds, plan, payloads per image in slot order). For benchmarks and debugging;
         it draws from this loader's generators, so do not mix it with iterating the loader."""
         self._build_reader()
+        self._use_epoch(0)
         out = []
         for backgrounds in self._epoch_backgrounds(n * self.config.batch_size):
             planned = self._plan_batch(backgrounds)
@@ -175,8 +176,10 @@ class CopyPasteLoader:
         """Backgrounds this rank reads in `epoch` (DALI moves each rank to the next shard of
         the data set every epoch, so over `world_size` epochs every rank sees everything)."""
         self._build_reader()
-        self._use_epoch(epoch)
-        total = self.reader.reader_meta("backgrounds")["epoch_size"]
+        if self._repeat is None:
+            total = self.reader.reader_meta("backgrounds")["epoch_size"]
+        else:
+            total = int(sum(r.sum() for r in shard_repeats(self._repeat, self.config.seed, epoch)))
         shard = (self.rank + epoch) % self.world_size
         return total * (shard + 1) // self.world_size - total * shard // self.world_size
 
@@ -220,6 +223,7 @@ class CopyPasteLoader:
         try:
             epoch = 0
             while True:
+                self._use_epoch(epoch)
                 for backgrounds in self._epoch_backgrounds(self.epoch_size(epoch)):
                     self._hand_over(self._plan_batch(backgrounds))
                 self._hand_over(_EpochEnd())

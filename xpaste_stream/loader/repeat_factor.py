@@ -49,14 +49,19 @@ def epoch_repeats(factors: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return (whole + (rng.random(len(factors)) < factors - whole)).astype(np.int64)
 
 
+def shard_repeats(factors: list[np.ndarray], seed: int, epoch: int) -> list[np.ndarray]:
+    """Per shard, how often each sample appears in `epoch` (each shard its own stream)."""
+    return [epoch_repeats(f, seed * 100_003 + n, epoch) for n, f in enumerate(factors)]
+
+
 def write_epoch_indexes(shard_urls: list[str], factors: list[np.ndarray], seed: int, epoch: int,
                         folder: str) -> tuple[list[str], int]:
     """Index files of one epoch (one per shard, in `folder`) and the epoch's sample count."""
     os.makedirs(folder, exist_ok=True)
     paths, total = [], 0
-    for n, (url, shard_factors) in enumerate(zip(shard_urls, factors, strict=True)):
+    for n, (url, repeats) in enumerate(zip(shard_urls, shard_repeats(factors, seed, epoch),
+                                           strict=True)):
         header, lines = read_index(url)
-        repeats = epoch_repeats(shard_factors, seed * 100_003 + n, epoch)
         body = [line for line, k in zip(lines, repeats, strict=True) for _ in range(k)]
         path = os.path.join(folder, f"epoch{epoch:05d}-{n:06d}.idx")
         with open(path, "w") as f:
