@@ -36,12 +36,7 @@ def instance(key: str, category: int, rng: np.random.Generator, rgb=None, alpha=
 
 
 def write_shards(folder, samples: list[dict], per_shard: int = PER_SHARD) -> list[str]:
-    writer = shards.ShardWriter(os.path.join(str(folder), "inst-{shard:06d}.tar"), maxcount=per_shard)
-    writer.resume()
-    for i, sample in enumerate(samples):
-        writer.add(i, sample)
-    writer.close()
-    return sorted(glob.glob(os.path.join(str(folder), "inst-*.tar")))
+    return shards.write_samples(os.path.join(str(folder), "inst-{shard:06d}.tar"), samples, per_shard)
 
 
 def standard_samples(seed: int = 0) -> list[dict]:

@@ -198,12 +198,7 @@ def filter_samples() -> list[dict]:
 
 
 def write_shards(folder, samples, per_shard=5) -> list[str]:
-    writer = shards.ShardWriter(os.path.join(str(folder), "inst-{shard:04d}.tar"), maxcount=per_shard)
-    writer.resume()
-    for i, s in enumerate(samples):
-        writer.add(i, s)
-    writer.close()
-    return sorted(glob.glob(os.path.join(str(folder), "inst-*.tar")))
+    return shards.write_samples(os.path.join(str(folder), "inst-{shard:04d}.tar"), samples, per_shard)
 
 
 def kept_by_rule(scores: dict[int, list], min_clip: float) -> dict[int, list]:

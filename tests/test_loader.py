@@ -9,6 +9,7 @@ import pytest
 from test_loader_fixtures import (
     OBJECT_COLOURS,
     background,
+    corrupt_instance_dataset,
     default_backgrounds,
     make_dataset,
     write_backgrounds,
@@ -21,7 +22,6 @@ from xpaste_stream.config import ConfigError, from_dict
 from xpaste_stream.loader import CopyPasteLoader, LoaderError, PasteConfig, to_detectron2
 from xpaste_stream.loader.plan import CategoryStats
 from xpaste_stream.loader.reference import Paste, composite, pastes_of
-from xpaste_stream.loader.sources import looks_like_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +231,7 @@ def test_corrupt_background_skipped_and_counted(tmp_path):
 
 
 def test_corrupt_instances_redrawn_and_counted(tmp_path):
-    bg_dir = tmp_path / "bg"
-    bg_dir.mkdir()
-    urls = write_backgrounds(str(bg_dir), default_backgrounds(8))
-    write_categories(str(bg_dir), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
-    bank = write_bank(str(tmp_path), per_category=2, corrupt=3)
-    opened = InstanceBank.open(bank)
-    corrupt_ids = {i for i in range(opened.num_instances) if not looks_like_jpeg(opened.read(i)["jpg"])}
+    urls, bank, corrupt_ids = corrupt_instance_dataset(str(tmp_path))
     assert len(corrupt_ids) == 3
     loader = CopyPasteLoader(urls, bank, small(min_pastes=6, max_pastes=6), batch_size=4)
     used = set()

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 
 from xpaste_stream import formats
 from xpaste_stream.bank import build_index
-from xpaste_stream.shards import ShardWriter
+from xpaste_stream.shards import ShardWriter, write_samples
 
 BG_GREY = 90
 OBJECT_COLOURS = {1: (230, 30, 30), 2: (30, 230, 30), 3: (30, 30, 230), 4: (230, 230, 30)}
@@ -46,12 +46,7 @@ def background(image_id: int, h: int, w: int, boxes: list[tuple[int, int, int, i
 
 
 def write_backgrounds(folder: str, samples: list[dict], per_shard: int = 4) -> list[str]:
-    writer = ShardWriter(os.path.join(folder, "bg-{shard:06d}.tar"), maxcount=per_shard)
-    writer.resume()
-    for i, s in enumerate(samples):
-        writer.add(i, s)
-    writer.close()
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
+    return write_samples(os.path.join(folder, "bg-{shard:06d}.tar"), samples, per_shard)
 
 
 def default_backgrounds(n: int = 10, seed: int = 0) -> list[dict]:
@@ -128,3 +123,18 @@ def make_dataset(folder: str, n_backgrounds: int = 10, per_shard: int = 4,
     urls = write_backgrounds(bg_dir, default_backgrounds(n_backgrounds), per_shard)
     write_categories(bg_dir, {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None, 4: (0.1, 0.02)})
     return urls, write_bank(folder, **bank_kw)
+
+
+def corrupt_instance_dataset(folder: str) -> tuple[list[str], str, set[int]]:
+    """8 backgrounds and a bank of 6 instances whose first 3 have truncated JPEGs."""
+    from xpaste_stream.bank import InstanceBank
+    from xpaste_stream.loader.sources import looks_like_jpeg
+
+    bg_dir = os.path.join(folder, "bg")
+    os.makedirs(bg_dir, exist_ok=True)
+    urls = write_backgrounds(bg_dir, default_backgrounds(8))
+    write_categories(bg_dir, {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    bank = write_bank(folder, per_category=2, corrupt=3)
+    opened = InstanceBank.open(bank)
+    corrupt = {i for i in range(opened.num_instances) if not looks_like_jpeg(opened.read(i)["jpg"])}
+    return urls, bank, corrupt

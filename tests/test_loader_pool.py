@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 from test_loader import assert_matches_reference, small
 from test_loader_fixtures import (
-    default_backgrounds,
+    corrupt_instance_dataset,
     make_dataset,
-    write_backgrounds,
-    write_bank,
-    write_categories,
 )
 
 from xpaste_stream.bank import InstanceBank, make_sampler
 from xpaste_stream.loader import CopyPasteLoader
 from xpaste_stream.loader.pool import InstancePool, decode_rgba
-from xpaste_stream.loader.sources import InstanceFetcher, LoaderCounters, looks_like_jpeg
+from xpaste_stream.loader.sources import InstanceFetcher, LoaderCounters
 
 # chi-square quantiles at 1 - 1e-3 by degrees of freedom: each check's false alarm rate is 0.1 %
 # (the seeds are fixed, so a passing test stays passing)
@@ -140,13 +137,7 @@ def test_pool_matches_reference(dataset, blending):
 
 
 def test_pool_skips_and_counts_corrupt_instances(tmp_path):
-    bg_dir = tmp_path / "bg"
-    bg_dir.mkdir()
-    urls = write_backgrounds(str(bg_dir), default_backgrounds(8))
-    write_categories(str(bg_dir), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
-    bank = write_bank(str(tmp_path), per_category=2, corrupt=3)
-    opened = InstanceBank.open(bank)
-    corrupt_ids = {i for i in range(opened.num_instances) if not looks_like_jpeg(opened.read(i)["jpg"])}
+    urls, bank, corrupt_ids = corrupt_instance_dataset(str(tmp_path))
     loader = CopyPasteLoader(urls, bank, small(min_pastes=6, max_pastes=6, instance_pool=8,
                                                instance_pool_refresh=1.0), batch_size=4)
     used = set()

@@ -13,17 +13,13 @@ from xpaste_stream.loader.repeat_factor import (
     sample_repeat_factors,
     write_epoch_indexes,
 )
-from xpaste_stream.shards import ShardWriter
+from xpaste_stream.shards import write_samples
 
 
 def write_shard(folder, factors: list[float]) -> str:
-    url = str(folder / "bg-000000.tar")
-    writer = ShardWriter(url.replace("000000", "{shard:06d}"), maxcount=1000)
-    writer.resume()
-    for i, r in enumerate(factors):
-        writer.add(i, {"__key__": f"s{i:03d}", "jpg": bytes([i]) * 10,
-                       "json": json.dumps({"repeat_factor": r, "i": i}).encode()})
-    writer.close()
+    samples = [{"__key__": f"s{i:03d}", "jpg": bytes([i]) * 10,
+                "json": json.dumps({"repeat_factor": r, "i": i}).encode()} for i, r in enumerate(factors)]
+    (url,) = write_samples(str(folder / "bg-{shard:06d}.tar"), samples)
     return url
 
 

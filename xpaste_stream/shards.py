@@ -208,6 +208,17 @@ class ShardWriter:
         self.next_shard += 1
 
 
+def write_samples(pattern: str, samples, maxcount: int = 1000) -> list[str]:
+    """Write an in-memory sequence of samples as a shard set; returns the shards written."""
+    writer = ShardWriter(pattern, maxcount=maxcount)
+    start = writer.resume()
+    for position, sample in enumerate(samples):
+        if position >= start:
+            writer.add(position, sample)
+    writer.close()
+    return [s["shard"] for s in writer.done if s["shard"]]
+
+
 def _padded(n: int) -> int:
     return (n + 511) // 512 * 512
 
