@@ -85,7 +85,7 @@ def main() -> None:
         "device": device,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {"images": len(samples), "image_size": args.image_size,
-                     "batch_size": batch_size, "segmenters": cfg.segmenter_names(),
+                     "batch_size": batch_size, "segmenters": cfg.segmenters,
                      "masks_per_image": "one per segmenter, all CLIP-scored",
                      "order": "warm-up, then naive, then batched",
                      "clip_model": f"{args.model} (real architecture, random weights)",

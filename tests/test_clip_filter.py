@@ -160,7 +160,7 @@ def test_extract_config_rules():
     with pytest.raises(ConfigError, match="extract.clip: prompt"):
         from_dict(ExtractConfig, {"inputs": ["x"], "clip": {"prompt": "no placeholder"}}, "extract")
     cfg = from_dict(ExtractConfig, {"inputs": ["x"], "segmenters": ["grabcut"]})
-    assert cfg.segmenter_names() == ["grabcut"]
+    assert cfg.segmenters == ["grabcut"]
     default = ExtractConfig(inputs=["x"])
     assert default.scorer == "none" and default.clip == ClipConfig()
     assert (default.clip.model, default.clip.pretrained, default.clip.prompt) == \

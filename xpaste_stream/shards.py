@@ -190,10 +190,7 @@ class ShardWriter:
         data = shard.buf.getvalue()
         name = shard.name
         if shard.count:
-            urls.makedirs(name)
-            with urls.open_url(name + ".tmp", "wb") as f:
-                f.write(data)
-            urls.rename(name + ".tmp", name)
+            urls.write_bytes(name, data)
             if self.dali_index:
                 idx = f"v1.2 {shard.count}\n" + "\n".join(shard.index_lines) + "\n"
                 urls.write_bytes(dali_index_path(name), idx.encode())

@@ -49,9 +49,6 @@ class ExtractConfig:
     maxcount: int = 1000
     maxsize: int = 1 << 30
 
-    def segmenter_names(self) -> list[str]:
-        return list(self.segmenters)
-
     def validate(self) -> None:
         if not self.inputs:
             raise ValueError("inputs: no image shards given")
@@ -61,7 +58,7 @@ class ExtractConfig:
             raise ValueError("mask_threshold must be in 1..255")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        names = self.segmenter_names()
+        names = self.segmenters
         if not names or len(set(names)) != len(names):
             raise ValueError(f"segmenters {names}: give at least one, each once")
         if len(names) > 1 and self.scorer == "none":
@@ -165,7 +162,7 @@ def extract_one(sample: dict, segmenters: list, scorer: ClipScorer | None,
 
 
 def make_segmenters(cfg: ExtractConfig) -> list:
-    return [SEGMENTERS[name]() for name in cfg.segmenter_names()]
+    return [SEGMENTERS[name]() for name in cfg.segmenters]
 
 
 def make_scorer(cfg: ExtractConfig) -> ClipScorer | None:

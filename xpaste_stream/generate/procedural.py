@@ -217,11 +217,3 @@ def write_scene_dataset(folder: str, names: list[str], spec: SceneSpec) -> str:
     with open(path, "w") as f:
         json.dump(doc, f)
     return path
-
-
-
-def make_demo_data(workdir: str, **kwargs) -> dict:
-    """The demo data set (see `xpaste_stream.pipeline.make_demo_data`, which runs the stages)."""
-    from ..pipeline import make_demo_data as run
-
-    return run(workdir, **kwargs)

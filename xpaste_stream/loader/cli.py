@@ -53,7 +53,7 @@ def register(subparsers) -> None:
 
 def demo_data(workdir: str, seed: int = 0) -> dict:
     """The procedural data set of `make_demo_data`, built once per workdir."""
-    from ..generate.procedural import make_demo_data
+    from ..pipeline import make_demo_data
 
     return make_demo_data(workdir, seed=seed)
 
