@@ -2,13 +2,16 @@
 
     python benchmarks/bench_extract.py [--images N] [--batch-size B] [--device cpu|cuda]
 
-Both paths run the same settings on the same decoded samples: procedural 512x512 images, the
-segmenters plain-background + grabcut, every candidate mask CLIP-scored, best kept. The scorer
-is the real ViT-L/14 architecture with random weights (speed does not depend on the weights;
-nothing is downloaded); fp16 on a GPU, float32 on CPU. Batched = `extract_batch` over B images
-(one CLIP forward for all their candidates); naive = `extract_one` per image (one forward per
-image). Shard reading and writing are left out of both. Writes
-benchmarks/results/extract-<device>.json.
+Two settings, each timed both ways on the same decoded samples (procedural images):
+- `clip+clipseg`: segmenter CLIPSeg (rd64 architecture, ViT-B/16 at 352 px);
+- `clip+clipseg+sam`: CLIPSeg and SAM (ViT-B image encoder at 1024 px, box prompt from the
+  plain-background prior).
+Every candidate mask is scored by CLIP ViT-L/14 and the best kept. All models are the real
+architectures with random weights (speed does not depend on the weights; nothing is downloaded),
+saved with save_pretrained and loaded back through the user path; fp16 on a GPU, float32 on CPU.
+Batched = `extract_batch` over B images (one segmenter call and one CLIP forward per batch);
+naive = `extract_one` per image. Shard reading and writing are left out of both.
+Writes benchmarks/results/extract-<device>.json.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 import open_clip
 import torch
 
-from xpaste_stream.extract import ClipScorer, ExtractConfig, extract_batch, extract_one
+from xpaste_stream.extract import ClipScorer, ExtractConfig, Rejected, extract_batch, extract_one
 from xpaste_stream.extract.stage import make_segmenters
 from xpaste_stream.generate import GenerateConfig, run_generate
 from xpaste_stream.shards import iter_tar
@@ -41,61 +44,116 @@ def make_samples(n: int, size: int) -> list[dict]:
         return [s for s in iter_tar(os.path.join(tmp, "gen-0000.tar"))][:n]
 
 
+def byte_tokenizer():
+    """A CLIP tokenizer with one token per byte: no vocabulary download; the model keeps CLIP's
+    49408-entry embedding, so the text encoder's cost is the real one."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
+    vocab.update({c: i for i, c in enumerate(alphabet)})
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(alphabet)})
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def save_models(folder: str) -> dict[str, str]:
+    """CLIPSeg (rd64-refined architecture) and SAM ViT-B, random weights, as local folders."""
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        SamConfig,
+        SamImageProcessor,
+        SamModel,
+        SamProcessor,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(0)
+    clipseg = os.path.join(folder, "clipseg")
+    CLIPSegForImageSegmentation(CLIPSegConfig(reduce_dim=64)).save_pretrained(clipseg)
+    CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": 352, "width": 352}),
+                     tokenizer=byte_tokenizer()).save_pretrained(clipseg)
+    sam = os.path.join(folder, "sam")
+    SamModel(SamConfig()).save_pretrained(sam)
+    SamProcessor(image_processor=SamImageProcessor()).save_pretrained(sam)
+    return {"clipseg": clipseg, "sam": sam}
+
+
+def timed(fn, gpu: bool) -> tuple[float, list]:
+    if gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def measure(samples: list[dict], cfg: ExtractConfig, scorer: ClipScorer, gpu: bool) -> dict:
+    segmenters = make_segmenters(cfg)
+    extract_batch(samples[:2], segmenters, scorer, cfg)  # warm-up: kernels, text embeddings
+    b = cfg.batch_size
+    naive_s, naive = timed(lambda: [extract_one(s, segmenters, scorer, cfg) for s in samples], gpu)
+    batched_s, batched = timed(lambda: [r for i in range(0, len(samples), b)
+                                        for r in extract_batch(samples[i:i + b], segmenters, scorer, cfg)],
+                               gpu)
+    kept = [(a, c) for a, c in zip(naive, batched, strict=True) if not isinstance(a, Rejected)
+            and not isinstance(c, Rejected)]
+    gap = max((abs(json.loads(a["json"])["clip_score"] - json.loads(c["json"])["clip_score"])
+               for a, c in kept), default=0.0)
+    same = sum(json.loads(a["json"])["segmenter"] == json.loads(c["json"])["segmenter"] for a, c in kept)
+    return {"segmenters": cfg.segmenters,
+            "naive": {"seconds": round(naive_s, 3), "images_per_s": round(len(samples) / naive_s, 3)},
+            "batched": {"seconds": round(batched_s, 3), "images_per_s": round(len(samples) / batched_s, 3)},
+            "ratio": round(naive_s / batched_s, 3),
+            "check": {"both_kept": len(kept), "same_winner": same, "of": len(samples),
+                      "max_score_difference": round(gap, 4)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--images", type=int, default=None, help="default 16 on CPU, 512 on GPU")
-    ap.add_argument("--batch-size", type=int, default=None, help="default 16 on CPU, 64 on GPU")
-    ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--images", type=int, default=None, help="default 2 on CPU, 256 on GPU")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 2 on CPU, 32 on GPU")
+    ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--model", default="ViT-L-14")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
-    images = args.images or (512 if gpu else 16)
-    batch_size = args.batch_size or (64 if gpu else 16)
-
+    images = args.images or (256 if gpu else 2)
+    batch_size = args.batch_size or (32 if gpu else 2)
     samples = make_samples(images, args.image_size)
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None)
     scorer = ClipScorer(model, preprocess, open_clip.get_tokenizer(args.model), device=args.device,
                         fp16=gpu)
-    cfg = ExtractConfig(inputs=["in-memory"], segmenters=["plain-background", "grabcut"],
-                        scorer="clip", batch_size=batch_size)
-    segmenters = make_segmenters(cfg)
-    extract_batch(samples[:2], segmenters, scorer, cfg)  # warm-up: kernels, text embeddings
-
-    def timed(fn) -> tuple[float, list]:
-        if gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if gpu:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, out
-
-    naive_s, naive = timed(lambda: [extract_one(s, segmenters, scorer, cfg) for s in samples])
-    batched_s, batched = timed(lambda: [r for i in range(0, len(samples), batch_size)
-                                        for r in extract_batch(samples[i:i + batch_size],
-                                                               segmenters, scorer, cfg)])
-    identical = sum(a == b for a, b in zip(naive, batched, strict=True))
-    score_gap = max((abs(json.loads(a["json"])["clip_score"] - json.loads(b["json"])["clip_score"])
-                     for a, b in zip(naive, batched, strict=True) if isinstance(a, dict)), default=0)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = save_models(tmp)
+        options = {"clipseg": {"model": paths["clipseg"]}, "sam": {"model": paths["sam"]}}
+        for label, names in (("clip+clipseg", ["clipseg"]), ("clip+clipseg+sam", ["clipseg", "sam"])):
+            cfg = ExtractConfig(inputs=["in-memory"], segmenters=names, scorer="clip",
+                                batch_size=batch_size, device=args.device,
+                                segmenter_options={n: options[n] for n in names},
+                                min_area_ratio=0.0, max_area_ratio=1.0)  # random weights: keep all
+            runs[label] = measure(samples, cfg, scorer, gpu)
+            print(label, json.dumps(runs[label]), flush=True)
     device = torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})"
     result = {
         "benchmark": "extract: batched vs naive one-image-at-a-time",
         "device": device,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {"images": len(samples), "image_size": args.image_size,
-                     "batch_size": batch_size, "segmenters": cfg.segmenters,
+        "settings": {"images": len(samples), "image_size": args.image_size, "batch_size": batch_size,
                      "masks_per_image": "one per segmenter, all CLIP-scored",
-                     "order": "warm-up, then naive, then batched",
-                     "clip_model": f"{args.model} (real architecture, random weights)",
+                     "order": "per setting: warm-up, then naive, then batched",
+                     "clip_model": f"{args.model} (open_clip, real architecture, random weights)",
+                     "clipseg": "CLIPSegConfig(reduce_dim=64): rd64 architecture, random weights, 352 px",
+                     "sam": "SamConfig(): ViT-B image encoder, 1024 px, random weights",
+                     "area_rule": "off (random weights make arbitrary masks)",
                      "precision": "fp16" if gpu else "fp32", "torch_threads": torch.get_num_threads(),
                      "cpu_count": os.cpu_count(), "io": "excluded (samples decoded from memory)"},
-        "naive": {"seconds": round(naive_s, 3), "images_per_s": round(len(samples) / naive_s, 3)},
-        "batched": {"seconds": round(batched_s, 3), "images_per_s": round(len(samples) / batched_s, 3)},
-        "ratio": round(naive_s / batched_s, 3),
-        "check": {"identical_results": identical, "of": len(samples),
-                  "max_score_difference": round(score_gap, 4)},
+        "runs": runs,
     }
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"extract-{'gpu' if gpu else 'cpu'}.json")

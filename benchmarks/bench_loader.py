@@ -3,13 +3,12 @@
     python benchmarks/bench_loader.py            # CPU; adds GPU rows when CUDA is available
 
 On CPU, images/s at 640 LSJ with U{0..19} pastes, and per core (wall images/s / cores, and
-images per CPU-second of the process, which holds when other jobs share the cores), of:
-  the loader decoding instances on demand | the loader with a pool of decoded instances
-  (--pool P, --pool-refresh R) | (a) per-image original-style copy-paste | (b) batch torch
-  copy-paste | (c) decode-only DALI pipeline (the ceiling); and both loaders with U{0..K}
-  pastes for K = 1, 5, 19 (how the cost grows with the pastes). Loader runs are repeated
-  (--repeats, alternating with and without pool) and the fastest is kept.
-On a GPU also both loaders and decode-only at 640 and 1024, with the ratios.
+images per CPU-second of the process and its workers, which holds when other jobs share the
+cores), of: the loader (--workers sample-function processes) | (a) per-image original-style
+copy-paste | (b) batch torch copy-paste | (c) decode-only DALI pipeline (the ceiling); and the
+loader with U{0..K} pastes for K = 1, 5, 19 (how the cost grows with the pastes). Loader runs
+are repeated (--repeats) and the fastest is kept.
+On a GPU also the loader and decode-only at 640 and 1024, with the ratios.
 Writes benchmarks/results/loader-<device>.json.
 """
 
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loader_baselines import BatchTorchCopyPaste, PerImageCopyPaste  # noqa: E402
+from loader_baselines import BatchTorchCopyPaste, PerImageCopyPaste, planned_work  # noqa: E402
 
 from xpaste_stream.loader import CopyPasteLoader, PasteConfig  # noqa: E402
 from xpaste_stream.loader.bench import (  # noqa: E402
@@ -40,8 +39,9 @@ from xpaste_stream.loader.cli import demo_data  # noqa: E402
 def baselines(backgrounds, bank, paste: PasteConfig, batch_size: int, batches: int) -> dict:
     """(a) per-image and (b) batch-torch copy-paste, single-threaded, on the loader's plans."""
     torch.set_num_threads(1)
-    planner = CopyPasteLoader(backgrounds, bank, paste, batch_size=batch_size, num_threads=1)
-    work = planner.planned_batches(batches)
+    planner = CopyPasteLoader(backgrounds, bank, paste, batch_size=batch_size, num_threads=1,
+                              workers=0)
+    work = planned_work(planner, batches)
     per_image, batch_torch = PerImageCopyPaste(paste), BatchTorchCopyPaste(paste)
     images = sum(len(bgs) for bgs, _, _ in work)
 
@@ -63,19 +63,13 @@ def baselines(backgrounds, bank, paste: PasteConfig, batch_size: int, batches: i
                             "images": images, "cores": 1}}
 
 
-def pooled(paste: PasteConfig, size: int, refresh: float) -> PasteConfig:
-    return PasteConfig(**{**vars(paste), "instance_pool": size, "instance_pool_refresh": refresh})
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="./runs/bench-loader")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per CPU measurement")
     parser.add_argument("--gpu-batches", type=int, default=50)
-    parser.add_argument("--pool", type=int, default=1024, help="instance pool size P")
-    parser.add_argument("--pool-refresh", type=float, default=0.25,
-                        help="fraction of a batch's pastes replaced by fresh draws")
+    parser.add_argument("--workers", type=int, default=2, help="loader worker processes")
     parser.add_argument("--repeats", type=int, default=2, help="loader runs per setting (fastest kept)")
     parser.add_argument("--backgrounds", help="background shards (default: make_demo_data's)")
     parser.add_argument("--bank", help="instance bank folder (with --backgrounds)")
@@ -91,17 +85,12 @@ def main() -> int:
     paste = PasteConfig(output_size=640)
     figures: dict = {}
     print(f"CPU, {cores} cores, 640 LSJ, U{{0..19}} pastes, batch {args.batch_size}")
-    pool = (args.pool, args.pool_refresh)
 
     def loaders(p: PasteConfig, batch_size: int, batches: int, device_id=None) -> dict:
-        """Both loaders, runs alternating so that both see the same machine load."""
-        runs: dict = {"loader": [], "loader_pool": []}
-        for _ in range(args.repeats):
-            for name, cfg in (("loader", p), ("loader_pool", pooled(p, *pool))):
-                runs[name].append(measure_loader(backgrounds, bank, cfg, batch_size, batches,
-                                                 device_id, cores))
-        # the fastest run of each: other jobs on the machine only ever slow a run down
-        return {name: max(r, key=lambda f: f["images_per_s"]) for name, r in runs.items()}
+        """The loader, its fastest of `repeats` runs (other jobs only ever slow a run down)."""
+        runs = [measure_loader(backgrounds, bank, p, batch_size, batches, device_id, cores,
+                               workers=args.workers) for _ in range(args.repeats)]
+        return {"loader": max(runs, key=lambda f: f["images_per_s"])}
 
     figures["cpu_640"] = {
         **{name: {**f, "cores": cores} for name, f in loaders(paste, args.batch_size, args.batches).items()},
@@ -118,14 +107,13 @@ def main() -> int:
             figures["cpu_640_max_pastes"][f"U{{0..{k}}} {name}"] = f
     cpu = figures["cpu_640"]
     ratios = {}
-    for name in ("loader", "loader_pool"):
+    for name in ("loader",):
         for base in ("per_image_original", "batch_torch"):
             ratios[f"cpu_{name}_vs_{base}_per_core"] = (cpu[name]["images_per_s_per_core"]
                                                          / cpu[base]["images_per_s_per_core"])
             ratios[f"cpu_{name}_vs_{base}_per_cpu_s"] = (cpu[name]["images_per_cpu_s"]
                                                           / cpu[base]["images_per_cpu_s"])
         ratios[f"cpu_{name}_vs_decode_only"] = cpu[name]["images_per_s"] / cpu["decode_only"]["images_per_s"]
-    ratios["cpu_pool_speedup"] = cpu["loader_pool"]["images_per_s"] / cpu["loader"]["images_per_s"]
     device = "cpu"
     if torch.cuda.is_available():
         device = device_name(0)
@@ -140,15 +128,13 @@ def main() -> int:
               "settings": {"output_size_cpu": 640, "pastes": "U{0..19}", "blending": "hard",
                            "batch_size_cpu": args.batch_size, "timed_batches_cpu": args.batches,
                            "cpu_cores": cores, "loader_threads": cores, "data": source,
-                           "instance_pool": args.pool, "instance_pool_refresh": args.pool_refresh,
-                           "loader_repeats": args.repeats,
+                           "workers": args.workers, "loader_repeats": args.repeats,
                            "loader": "box-local paste slot by slot, empty slots skipped by DALI "
                                      "conditionals, id map + placed rows/columns to torch "
                                      "(xpaste_stream/loader/pipeline.py); instances resized "
-                                     "bilinearly without antialiasing, as cv2.resize; loader_pool: "
-                                     "slots fed decoded RGBA from a pool of instance_pool entries, "
-                                     "instance_pool_refresh x the batch's pastes redrawn per batch "
-                                     "(xpaste_stream/loader/pool.py); targets with 1 torch thread",
+                                     "bilinearly without antialiasing, as cv2.resize; host work "
+                                     "(sample.py) in `workers` processes; targets with 1 torch "
+                                     "thread",
                            "baselines": "single-threaded, exclude reading/planning (given the "
                                         "loader's plans); the loader's figure includes them",
                            "per_core": "images_per_s_per_core = wall images/s / cores; "

@@ -5,7 +5,9 @@
   arrays (image and mask), with every earlier object's mask updated and its box recomputed.
 - `BatchTorchCopyPaste`: a batch-level torch version: per-image decode and resize, then one
   batched "over" blend and the same batched target update as the loader.
-Both draw their random choices from the loader's own planner so the work per image is equal.
+Both execute the loader's own plans (`planned_work`: the sample function's plans, with the
+backgrounds' masks decoded at full resolution from their RLE, as the original holds them), so
+the work per image is equal.
 """
 
 from __future__ import annotations
@@ -15,8 +17,48 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xpaste_stream import formats
 from xpaste_stream.loader.config import PasteConfig
+from xpaste_stream.loader.sample import plan_from_rows
 from xpaste_stream.loader.targets import build_targets, extents_of, id_map, lsj_masks
+
+
+class Background:
+    """A background as the original's mapper holds it: bytes, full-resolution masks, labels."""
+
+    def __init__(self, data: bytes, masks: np.ndarray, labels: np.ndarray):
+        self.data, self.masks, self.labels = np.frombuffer(data, np.uint8), masks, labels
+
+
+def alpha_of(payload: dict, width: int, height: int) -> np.ndarray:
+    component, data = formats.instance_mask(payload)
+    return formats.decode_alpha(data, component, width, height)
+
+
+def planned_work(loader, batches: int) -> list:
+    """[(backgrounds, plan, payloads per image in slot order)] of the loader's first `batches`
+    batches of epoch 0 (rank 0 of one), drawn by its sample function."""
+    source, files, b = loader.source, loader.source.files, loader.config.batch_size
+    out = []
+    for g in range(batches):
+        cols = [source.sample(0, g * b + i) for i in range(b)]
+        plan = plan_from_rows(np.stack([c["plan_row"] for c in cols]), loader.paste.slots)
+        backgrounds, payloads = [], []
+        for i, c in enumerate(cols):
+            index = int(c["plan_row"][9])
+            sample = {"__key__": loader.index.key[index], "json": files.read(loader.index, index, "json"),
+                      "ann.zst": files.read(loader.index, index, "ann.zst")}
+            meta, anns = formats.read_background(sample)
+            if loader.paste.drop_crowd:
+                anns = [a for a in anns if not a.get("iscrowd")]
+            masks = formats.decode_masks(anns, meta["height"], meta["width"])
+            backgrounds.append(Background(files.read(loader.index, index, "image"), masks,
+                                          np.asarray([a["category_id"] for a in anns], np.int64)))
+            ids = plan.ids[i][plan.ids[i] >= 0]
+            payloads.append([{**loader.bank.read(int(iid)), "size": loader.bank.sizes_of([iid])}
+                             for iid in ids])
+        out.append((backgrounds, plan, payloads))
+    return out
 
 
 class PerImageCopyPaste:
@@ -37,7 +79,7 @@ class PerImageCopyPaste:
         boxes = [_box(m) for m in masks]
         for k, payload in enumerate(payloads):
             rgb = cv2.imdecode(np.frombuffer(payload["jpg"], np.uint8), cv2.IMREAD_COLOR)
-            alpha = cv2.imdecode(np.frombuffer(payload["mask.png"], np.uint8), cv2.IMREAD_GRAYSCALE)
+            alpha = alpha_of(payload, int(payload["size"][0][0]), int(payload["size"][1][0]))
             h, w = (int(v) for v in plan.size[i, k])
             rgb, alpha = cv2.resize(rgb, (w, h)), cv2.resize(alpha, (w, h))
             if plan.flip[i, k]:
@@ -115,8 +157,8 @@ class BatchTorchCopyPaste:
 
         s = self.paste.output_size
         rgb = decode_image(torch.frombuffer(bytearray(payload["jpg"]), dtype=torch.uint8), ImageReadMode.RGB)
-        alpha = decode_image(torch.frombuffer(bytearray(payload["mask.png"]), dtype=torch.uint8),
-                             ImageReadMode.GRAY)
+        alpha = torch.from_numpy(alpha_of(payload, int(payload["size"][0][0]),
+                                          int(payload["size"][1][0])).copy())[None]
         h, w = (int(v) for v in size)
         rgba = F.interpolate(torch.cat([rgb, alpha]).float()[None], size=(h, w), mode="bilinear",
                              antialias=True)[0]

@@ -82,7 +82,7 @@ def test_every_offset_reads_back_the_exact_component_bytes(bank, shard_paths):
     for iid, record in enumerate(records):
         sample = by_jpg[record["jpg"]]
         meta = formats.read_instance_meta(sample)
-        assert record["mask.png"] == sample["mask.png"]
+        assert record["mask.lz4"] == sample["mask.lz4"]
         assert record["category_id"] == meta["category_id"] == bank.categories_of([iid])[0]
         assert (widths[iid], heights[iid]) == (meta["width"], meta["height"])
         score = bank.clip_scores_of([iid])[0]
@@ -261,7 +261,7 @@ def test_truncated_shard_is_indexed_up_to_its_last_whole_sample(shard_paths, tmp
     assert bank.manifest["shards"][1]["instances"] == 17
     in_shard = bank.read_many(ids_in_shard(bank, 1))
     assert sorted(r["jpg"] for r in in_shard) == sorted(s["jpg"] for s in whole)
-    assert sorted(r["mask.png"] for r in in_shard) == sorted(s["mask.png"] for s in whole)
+    assert sorted(r["mask.lz4"] for r in in_shard) == sorted(s["mask.lz4"] for s in whole)
 
 
 def test_dedup_drops_an_exact_duplicate_within_its_category(tmp_path):
@@ -301,9 +301,9 @@ def test_remote_shards_through_fsspec(shard_paths, tmp_path):
     out = str(tmp_path / "bank")
     assert build_index(remote, out, progress=False)["instances"] == 80
     bank = InstanceBank.open(out)
-    expected = {s["jpg"]: s["mask.png"] for s in scan_all(shard_paths[:2])}
+    expected = {s["jpg"]: s["mask.lz4"] for s in scan_all(shard_paths[:2])}
     for record in bank.read_many(np.arange(bank.num_instances)):
-        assert expected[record["jpg"]] == record["mask.png"]
+        assert expected[record["jpg"]] == record["mask.lz4"]
     fs.pipe(remote[0], open(shard_paths[0], "rb").read() + bytes(512))
     with pytest.raises(BankError, match=f"{remote[0]} changed"):
         InstanceBank.open(out).read_many(np.arange(bank.num_instances))

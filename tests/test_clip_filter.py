@@ -155,8 +155,8 @@ def test_extract_stage_scores_batches_and_resumes(checkpoint, tmp_path):
 
 
 def test_extract_config_rules():
-    with pytest.raises(ConfigError, match="needs scorer = 'clip'"):
-        from_dict(ExtractConfig, {"inputs": ["x"], "segmenters": ["plain-background", "grabcut"]})
+    several = from_dict(ExtractConfig, {"inputs": ["x"], "segmenters": ["plain-background", "grabcut"]})
+    assert several.scorer == "none"  # without CLIP the best mask is chosen by confidence
     with pytest.raises(ConfigError, match="extract.clip: prompt"):
         from_dict(ExtractConfig, {"inputs": ["x"], "clip": {"prompt": "no placeholder"}}, "extract")
     cfg = from_dict(ExtractConfig, {"inputs": ["x"], "segmenters": ["grabcut"]})

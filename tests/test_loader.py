@@ -58,7 +58,7 @@ def test_matches_reference(dataset, blending):
     paste = small(blending=blending, max_pastes=8)
     loader = CopyPasteLoader(urls, bank, paste, batch_size=4, num_threads=2, debug=True, seed=3)
     batches = epoch(loader)
-    assert sum(len(b.targets) for b in batches) == 10
+    assert sum(len(b.targets) for b in batches) == 12  # 10 backgrounds, the last batch wraps
     objects = sum(assert_matches_reference(b, paste) for b in batches)
     sources = np.concatenate([t["source"].numpy() for b in batches for t in b.targets])
     assert objects > 20 and 0 < sources.mean() < 1  # real and pasted objects both present
@@ -206,28 +206,41 @@ def test_two_ranks_disjoint_and_covering(dataset):
     seen = []
     for rank in range(2):
         loader = CopyPasteLoader(urls, bank, small(max_pastes=1), batch_size=3, rank=rank,
-                                 world_size=2)
-        per_epoch = [[t["image_id"] for b in epoch(loader) for t in b.targets] for _ in range(2)]
-        assert [len(ids) for ids in per_epoch] == [loader.epoch_size(0), loader.epoch_size(1)]
-        seen.append(per_epoch)
+                                 world_size=2, workers=0)
+        assert len(loader) == 2  # ceil(10 / 6) global batches, the same on both ranks
+        seen.append([np.concatenate([b.positions for b in epoch(loader)]) for _ in range(2)])
+        assert loader.epoch == 2
     for e in range(2):
-        r0, r1 = set(seen[0][e]), set(seen[1][e])
-        assert not r0 & r1 and r0 | r1 == set(range(10))
-        assert len(seen[0][e]) == len(r0)
+        r0, r1 = set(seen[0][e].tolist()), set(seen[1][e].tolist())
+        assert not r0 & r1 and r0 | r1 == set(range(12))  # positions 10, 11 wrap to 0, 1
 
 
-def test_corrupt_background_skipped_and_counted(tmp_path):
+def test_corrupt_background_skipped_counted_and_named(tmp_path):
     samples = default_backgrounds(6)
     samples[2]["png"] = samples[2]["png"][:200]          # truncated
     samples[4]["png"] = b"\x89PNG not an image at all" * 4  # garbage
+    middle = bytearray(samples[3]["png"])                 # damaged middle, markers intact
+    middle[len(middle) // 2:len(middle) // 2 + 40] = bytes(40)
+    samples[3]["png"] = bytes(middle)
+    samples[5]["ann.zst"] = b"not zstd"                   # damaged annotations
     bg_dir = tmp_path / "bg"
     bg_dir.mkdir()
     urls = write_backgrounds(str(bg_dir), samples)
     write_categories(str(bg_dir), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
-    loader = CopyPasteLoader(urls, write_bank(str(tmp_path)), small(), batch_size=4)
-    ids = [t["image_id"] for b in epoch(loader) for t in b.targets]
-    assert sorted(ids) == [0, 1, 3, 5]
-    assert loader.stats()["backgrounds_corrupt"] == 2
+    bank = write_bank(str(tmp_path))
+    for workers in (0, 2):
+        loader = CopyPasteLoader(urls, bank, small(), batch_size=4, workers=workers)
+        ids = [t["image_id"] for b in epoch(loader) for t in b.targets]
+        assert len(ids) == 8 and set(ids) <= {0, 1}
+        order = loader.source.order(0)
+        bad = {2, 3, 4, 5}
+        expected = sum(int(order[p % 6]) in bad for p in range(8))
+        stats = loader.stats()
+        assert stats["backgrounds_corrupt"] == expected
+        hit = [int(order[p % 6]) for p in range(8) if int(order[p % 6]) in bad]
+        assert sorted(s[1] for s in stats["skipped"]) == sorted(f"img{i:012d}" for i in hit)
+        assert all(s[0].endswith(".tar") and s[2].startswith("background:") for s in stats["skipped"])
+        loader.close()
 
 
 def test_corrupt_instances_redrawn_and_counted(tmp_path):
@@ -238,7 +251,10 @@ def test_corrupt_instances_redrawn_and_counted(tmp_path):
     for b in loader:
         used |= set(b.plan.ids[b.plan.active].tolist())
     assert used and not used & corrupt_ids
-    assert loader.stats()["instances_corrupt"] > 0
+    stats = loader.stats()
+    assert stats["instances_corrupt"] > 0
+    assert len(stats["skipped"]) == stats["instances_corrupt"]
+    assert all(s[1].startswith("instance ") and s[0].endswith(".tar") for s in stats["skipped"])
 
 
 def test_mismatched_bank_refused(tmp_path):

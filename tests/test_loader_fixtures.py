@@ -128,7 +128,7 @@ def make_dataset(folder: str, n_backgrounds: int = 10, per_shard: int = 4,
 def corrupt_instance_dataset(folder: str) -> tuple[list[str], str, set[int]]:
     """8 backgrounds and a bank of 6 instances whose first 3 have truncated JPEGs."""
     from xpaste_stream.bank import InstanceBank
-    from xpaste_stream.loader.sources import looks_like_jpeg
+    from xpaste_stream.loader.sources import jpeg_size
 
     bg_dir = os.path.join(folder, "bg")
     os.makedirs(bg_dir, exist_ok=True)
@@ -136,5 +136,5 @@ def corrupt_instance_dataset(folder: str) -> tuple[list[str], str, set[int]]:
     write_categories(bg_dir, {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
     bank = write_bank(folder, per_category=2, corrupt=3)
     opened = InstanceBank.open(bank)
-    corrupt = {i for i in range(opened.num_instances) if not looks_like_jpeg(opened.read(i)["jpg"])}
+    corrupt = {i for i in range(opened.num_instances) if jpeg_size(opened.read(i)["jpg"]) is None}
     return urls, bank, corrupt

@@ -14,7 +14,7 @@ import webdataset as wds
 from helpers import shard_files
 from pycocotools.coco import COCO
 
-from xpaste_stream import cli, formats, shards
+from xpaste_stream import cli, errors, formats, shards
 from xpaste_stream.pack import PackCocoConfig, run_pack_coco
 
 
@@ -101,9 +101,11 @@ def test_category_statistics(lvis_dataset, tmp_path):
         ratios = [math.sqrt(a["bbox"][2] * a["bbox"][3] / size[a["image_id"]]) for a in anns]
         image_count = len({a["image_id"] for a in anns})
         assert c["image_count"] == image_count and c["instance_count"] == len(anns)
-        if len(anns) > 1:
+        if anns:  # one instance too: a measured std of 0, never null
             assert c["scale_mean"] == pytest.approx(np.mean(ratios))
             assert c["scale_std"] == pytest.approx(np.std(ratios))
+        else:
+            assert c["scale_mean"] is None and c["scale_std"] is None
         if image_count:
             assert c["repeat_factor"] == pytest.approx(max(1.0, math.sqrt(0.001 / (image_count / n_images))))
         source = next(s for s in doc["categories"] if s["id"] == c["id"])
@@ -138,13 +140,22 @@ def test_bad_inputs_are_counted_and_the_run_goes_on(lvis_dataset, tmp_path):
         json.dump(doc, f)
 
     summary = pack(annotations, images, tmp_path / "out")
-    assert summary["failures"] == {"missing_image": 1, "corrupt_image": 1, "unknown_category": 1}
-    assert summary["samples"] == len(doc["images"]) - 3
-    details = [f["detail"] for u in shard_files(tmp_path / "out")
-               for f in shards.read_stats(u)["failed_samples"]]
-    assert any(files[0] in d for d in details)
-    assert any(files[1] in d for d in details)
-    assert any("999" in d for d in details)
+    # the unknown category costs its annotation, not its image
+    assert summary["failures"] == {"missing_image": 1, "corrupt_image": 1}
+    assert summary["dropped"] == {"unknown_category": 1}
+    assert summary["samples"] == len(doc["images"]) - 2
+    stats = [shards.read_stats(u) for u in shard_files(tmp_path / "out")]
+    failed = {os.path.basename(f["source"]): f for s in stats for f in s["failed_samples"]}
+    assert set(failed) == {files[0], files[1]}
+    assert failed[files[0]]["key"] == formats.background_key(int(files[0].split(".")[0]))
+    [dropped] = [d for s in stats for d in s["dropped_parts"]]
+    assert dropped["key"] == formats.background_key(3) and f"annotation {victim['id']}" in dropped["detail"]
+    kept = {s["__key__"]: s for u in shard_files(tmp_path / "out") for s in shards.iter_tar(u)}
+    meta, anns = formats.read_background(kept[formats.background_key(3)])
+    assert victim["id"] not in {a["id"] for a in anns}
+    assert len(anns) == sum(1 for a in doc["annotations"] if a["image_id"] == 3) - 1
+    rejects = errors.read_rejects(summary["rejects"])
+    assert sorted(r["what"] for r in rejects) == ["part", "sample", "sample"]
 
 
 def test_unreadable_json_fails_before_any_work(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Repeat-factor sampling of backgrounds: per-epoch index files that DALI's reader follows."""
+"""Repeat-factor sampling of backgrounds: the epoch order repeats each background by its factor."""
 
 from __future__ import annotations
 
@@ -6,13 +6,9 @@ import json
 import math
 
 import numpy as np
-from nvidia.dali import fn, pipeline_def
 
-from xpaste_stream.loader.repeat_factor import (
-    epoch_repeats,
-    sample_repeat_factors,
-    write_epoch_indexes,
-)
+from xpaste_stream.loader.backgrounds import BackgroundIndex, ShardFiles
+from xpaste_stream.loader.order import epoch_order, epoch_repeats
 from xpaste_stream.shards import write_samples
 
 
@@ -35,25 +31,18 @@ def test_repeats_follow_floor_plus_bernoulli():
     np.testing.assert_array_equal(epoch_repeats(factors, 1, 7), epoch_repeats(factors, 1, 7))
 
 
-def test_dali_reads_each_sample_as_often_as_drawn(tmp_path):
+def test_epoch_order_holds_each_background_as_often_as_drawn(tmp_path):
     factors = [1.0, 3.0, 1.5, 1.0, 2.0]
     url = write_shard(tmp_path, factors)
-    np.testing.assert_array_equal(sample_repeat_factors(url), factors)
-    paths, total = write_epoch_indexes([url], [np.array(factors)], seed=0, epoch=2,
-                                       folder=str(tmp_path / "rf"))
-    expected = epoch_repeats(np.array(factors), 0 * 100_003 + 0, 2)
-    assert total == expected.sum()
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def reader():
-        return fn.readers.webdataset(paths=[url], index_paths=paths, ext=["json"],
-                                     random_shuffle=False, name="bg")
-
-    pipe = reader()
-    pipe.build()
-    assert pipe.epoch_size("bg") == total
-    seen = [json.loads(bytes(pipe.run()[0].at(0)))["i"] for _ in range(total)]
-    assert np.bincount(seen, minlength=len(factors)).tolist() == expected.tolist()
+    index = BackgroundIndex.build([url])
+    read = index.repeat_factors(ShardFiles())
+    np.testing.assert_array_equal(read, factors)
+    assert [json.loads(ShardFiles().read(index, i, "json"))["i"] for i in range(5)] == list(range(5))
+    order = epoch_order(read, seed=0, epoch=2)
+    expected = epoch_repeats(np.array(factors), 0, 2)
+    assert np.bincount(order, minlength=len(factors)).tolist() == expected.tolist()
+    assert not np.array_equal(order, np.sort(order)) or len(set(order.tolist())) == 1
+    np.testing.assert_array_equal(np.sort(epoch_order(read, 0, 2, shuffle=False)), np.sort(order))
 
 
 def test_loader_repeats_backgrounds_by_their_factor(tmp_path):
@@ -74,9 +63,9 @@ def test_loader_repeats_backgrounds_by_their_factor(tmp_path):
     paste = PasteConfig(output_size=32, max_pastes=1)
     for sampling, expected in (("repeat_factor", [0, 1, 2, 2, 2, 3, 4, 5]),
                                ("uniform", [0, 1, 2, 3, 4, 5])):
-        loader = CopyPasteLoader(urls, bank, paste, batch_size=2, num_threads=1,
+        loader = CopyPasteLoader(urls, bank, paste, batch_size=2, num_threads=1, workers=0,
                                  background_sampling=sampling)
         for epoch in range(2):
+            assert loader.epoch_size(epoch) == len(expected)
             ids = sorted(t["image_id"] for b in loader for t in b.targets)
             assert ids == expected, (sampling, epoch)
-            assert loader.epoch_size(epoch) == len(expected)

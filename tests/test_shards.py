@@ -153,3 +153,74 @@ def test_writer_output_is_plain_tar(tmp_path):
     write_all(str(tmp_path / "p-{shard:02d}.tar"), 3)
     with tarfile.open(tmp_path / "p-00.tar") as tar:
         assert tar.getnames() == [f"s{i:05d}.{ext}" for i in range(3) for ext in ("bin", "json")]
+
+
+def cut_before_sample(path: str, index: int) -> None:
+    """Cut a shard where sample `index`'s first header starts (offsets from its DALI index)."""
+    with open(shards.dali_index_path(path)) as f:
+        offset = int(f.read().splitlines()[1 + index].split()[1]) - 512
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+
+
+def test_iter_tar_keeps_the_last_whole_sample_and_names_the_lost(tmp_path):
+    write_all(str(tmp_path / "t-{shard:02d}.tar"), 6, maxcount=10)
+    path = str(tmp_path / "t-00.tar")
+    cut_before_sample(path, 3)
+    damage: list = []
+    assert [s["__key__"] for s in iter_tar(path, damage)] == ["s00000", "s00001", "s00002"]
+    [d] = damage
+    assert (d.samples, d.lost_keys, d.lost, d.reason) == (3, ["s00003", "s00004", "s00005"], 3,
+                                                          "truncated_shard")
+    os.remove(shards.dali_index_path(path))  # without the index: counted from the stats, unnamed
+    damage = []
+    assert len(list(iter_tar(path, damage))) == 3
+    assert (damage[0].lost_keys, damage[0].lost) == ([], 3)
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"not a tar" * 100)
+    damage = []
+    assert list(iter_tar(str(garbage), damage)) == [] and damage[0].reason == "unreadable_shard"
+
+
+def test_rejects_list_survives_resume(tmp_path):
+    def feed(pattern: str, stop: int | None) -> ShardWriter:
+        writer = ShardWriter(pattern, maxcount=3)
+        start = writer.resume()
+        for i in range(start, 14 if stop is None else stop):
+            if i % 4 == 1:
+                writer.fail(i, "corrupt_image", f"input {i}", source=f"src{i}", key=f"k{i}")
+            else:
+                writer.add(i, sample(i), source=f"src{i}", dropped=[("bad_part", "one")] if i == 6 else [])
+        return writer
+
+    clean = feed(str(tmp_path / "clean" / "c-{shard:02d}.tar"), None)
+    summary = clean.close()
+    feed(str(tmp_path / "cut" / "c-{shard:02d}.tar"), 8)  # interrupted: never closed
+    resumed = feed(str(tmp_path / "cut" / "c-{shard:02d}.tar"), None)
+    assert resumed.next_input > 0 and resumed.close()["failed"] == summary["failed"] == 4
+    assert summary["dropped"] == {"bad_part": 1}
+    from xpaste_stream import errors
+
+    def records(folder: str) -> list[dict]:
+        return [{**r, "output": os.path.basename(r["output"])}
+                for r in errors.read_rejects(str(tmp_path / folder / "c-rejects.jsonl"))]
+
+    whole = records("clean")
+    assert whole == records("cut")
+    assert [(r["what"], r["key"], r["input"]) for r in whole] == [
+        ("sample", "k1", 1), ("sample", "k5", 5), ("part", "s00006", 6), ("sample", "k9", 9),
+        ("sample", "k13", 13)]
+    assert errors.rejects_path("out/bg-%06d.tar") == "out/bg-rejects.jsonl"
+    assert errors.rejects_path("x-{00..02}.tar") == "x-rejects.jsonl"
+
+
+def test_a_shard_is_cut_after_maxcount_failures(tmp_path):
+    writer = ShardWriter(str(tmp_path / "f-{shard:02d}.tar"), maxcount=2)
+    writer.resume()
+    for i in range(3):
+        writer.fail(i, "nan_output")
+    writer.add(3, sample(3))
+    summary = writer.close()
+    first = shards.read_stats(str(tmp_path / "f-00.tar"))
+    assert (first["shard"], first["count"], first["input_end"]) == (None, 0, 2)
+    assert not os.path.exists(tmp_path / "f-00.tar") and summary["samples"] == 1 and summary["failed"] == 3

@@ -65,7 +65,8 @@ def test_extraction_cuts_objects_out(tmp_path):
     for s in iter_tar(shard_files(tmp_path / "inst")[0]):
         meta = formats.read_instance_meta(s)
         rgb = np.asarray(Image.open(io.BytesIO(s["jpg"])))
-        alpha = np.asarray(Image.open(io.BytesIO(s["mask.png"])))
+        component, mask = formats.instance_mask(s)
+        alpha = formats.decode_alpha(mask, component, meta["width"], meta["height"])
         assert rgb.shape[:2] == alpha.shape == (meta["height"], meta["width"])
         assert set(np.unique(alpha)) <= {0, 255}
         assert alpha[0].any() and alpha[-1].any() and alpha[:, 0].any() and alpha[:, -1].any()
@@ -214,8 +215,8 @@ def test_inspect_reports_broken_samples_and_damaged_shards(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["missing"] == [str(tmp_path / "gone.tar")]
     assert [d["shard"] for d in report["damaged"]] == [str(tmp_path / "cut.tar")]
-    problems = {b["sample"].rsplit(":", 1)[1]: b["problem"] for b in report["broken"]}
-    assert problems["nojson"] == "no json component" and "unreadable json" in problems["badjson"]
+    problems = {b["key"]: b["reason"] for b in report["broken"]}
+    assert problems == {"nojson": "missing_component", "badjson": "unreadable_json"}
     assert report["schemas"] == {formats.IMAGE_SCHEMA: report["samples"] - 2}
     assert report["without_stats"] == [str(tmp_path / "cut.tar")]
 
@@ -223,3 +224,81 @@ def test_inspect_reports_broken_samples_and_damaged_shards(tmp_path, capsys):
 def test_from_dict_checks_nested_types():
     with pytest.raises(ConfigError, match=r"extract\.inputs\[1\]"):
         from_dict(ExtractConfig, {"inputs": ["a", 3]}, "extract")
+
+
+def test_inspect_reads_stats_finds_duplicates_and_speaks_json_for_every_kind(tmp_path, capsys):
+    from xpaste_stream.bank import build_index
+
+    writer = ShardWriter(str(tmp_path / "a" / "a-{shard:02d}.tar"), maxcount=2)
+    writer.resume()
+    rng = np.random.default_rng(0)
+    make = lambda key: formats.instance_sample(  # noqa: E731
+        key, rng.integers(0, 255, (6, 5, 3), np.uint8), rng.integers(0, 255, (6, 5), np.uint8),
+        category_id=1, category="c", clip_score=None, source_key=key, generator="t", segmenter="t")
+    writer.add(0, make("k0"))
+    writer.fail(1, "empty_mask", "nothing there", source="gen-0.tar", key="g1")
+    writer.add(2, make("k1"))
+    writer.add(3, make("k0"))  # the same key again, in the next shard
+    writer.close()
+    paths = shard_files(tmp_path / "a")
+    assert cli.main(["inspect", "--json", *paths]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["recorded_failures"] == {"empty_mask": 1}
+    assert report["recorded_failed"][0]["key"] == "g1"
+    assert [(d["key"], d["shard"]) for d in report["duplicates"]] == [("k0", paths[1])]
+    assert report["broken"] == [] and report["damaged"] == []
+
+    stats = json.loads(open(paths[0].replace(".tar", ".stats.json")).read())
+    stats["count"] = 5
+    open(paths[0].replace(".tar", ".stats.json"), "w").write(json.dumps(stats))
+    assert cli.main(["inspect", "--json", paths[0]]) == 1
+    assert json.loads(capsys.readouterr().out)["damaged"][0]["reason"] == "stats_mismatch"
+
+    build_index(paths, str(tmp_path / "bank"), workers=1, progress=False)
+    assert cli.main(["inspect", "--json", str(tmp_path / "bank")]) == 0
+    bank = json.loads(capsys.readouterr().out)
+    assert (bank["kind"], bank["indexed"], bank["ok"]) == ("bank", 3, True)
+    with open(paths[1], "ab") as f:
+        f.write(bytes(512))
+    assert cli.main(["inspect", "--json", str(tmp_path / "bank")]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"][0]["reason"] == "shard_changed"
+
+    cats = {"schema": formats.CATEGORIES_SCHEMA, "dataset": "coco", "num_images": 3, "categories": [
+        {"id": 1, "name": "a", "image_count": 1, "instance_count": 1, "scale_mean": 0.2,
+         "scale_std": None, "repeat_factor": 1.0}]}
+    (tmp_path / "categories.json").write_text(json.dumps(cats))
+    assert cli.main(["inspect", "--json", str(tmp_path / "categories.json")]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kind"] == "categories" and doc["problems"][0]["reason"] == "missing_scale"
+
+
+def test_a_pipeline_stops_at_the_first_stage_its_error_policy_fails(tmp_path, capsys):
+    writer = ShardWriter(str(tmp_path / "img" / "gen-{shard:04d}.tar"))
+    writer.resume()
+    good = np.full((48, 48, 3), 255, np.uint8)
+    good[10:38, 12:36] = (200, 30, 30)
+    for i, jpg in enumerate([formats.encode_jpeg(good)] * 3 + [b"\xff\xd8 not a jpeg"]):
+        writer.add(i, formats.image_sample(f"k{i}", jpg, category_id=1, category="x", prompt="p",
+                                           seed=0, generator="test", width=48, height=48))
+    writer.close()
+    toml = tmp_path / "p.toml"
+    toml.write_text(textwrap.dedent(f"""
+        [pipeline]
+        stages = ["extract", "index"]
+        errors = {{max_failed_fraction = 0.2}}
+        [extract]
+        inputs = ["{tmp_path}/img/gen-*.tar"]
+        output = "{tmp_path}/inst/inst-{{shard:04d}}.tar"
+        [index]
+        inputs = ["{tmp_path}/inst/inst-*.tar"]
+        output = "{tmp_path}/bank"
+    """))
+    assert cli.main(["run", str(toml), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert results["failed"]["stage"] == "extract" and "index" not in results
+    assert "1 of 4 inputs skipped (25 %), at most 20 % allowed" in captured.err and "k3" in captured.err
+    assert not (tmp_path / "bank").exists()
+    # the flag overrides the file; the rerun resumes extract and goes on to index
+    assert cli.main(["run", str(toml), "--quiet", "--max-failed-fraction", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["index"]["instances"] == 3

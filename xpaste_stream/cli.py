@@ -1,13 +1,24 @@
-"""The `xpaste-stream` command: one subcommand per stage, each registered by its sub-package."""
+"""The `xpaste-stream` command: one subcommand per stage, each registered by its sub-package.
+
+Here too the error policy (errors.py) meets the user: a problem found before work is one line
+without a traceback (`--debug` shows it) and exit status 2; a stage whose skips pass the policy's
+thresholds exits 1 and says why, after naming the first skipped samples; Ctrl-C and SIGTERM stop
+with a one-line hint that rerunning resumes (exit status 130 / 143); anything unexpected exits 3.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import traceback
 
-from .config import ConfigError
+from . import errors
+from .config import ConfigError, from_dict
 from .formats import FormatError
+from .generate.text2image import ModelLoadError
+from .shards import resolve_inputs
 
 # Modules that each define `register(subparsers)`; a subcommand lives beside the code it runs.
 _COMMAND_MODULES = (
@@ -17,14 +28,25 @@ _COMMAND_MODULES = (
     "xpaste_stream.extract.cli",      # extract
     "xpaste_stream.bank.cli",         # index
     "xpaste_stream.inspect",          # inspect
+    "xpaste_stream.report",           # report
     "xpaste_stream.loader.cli",       # demo, bench
+    "xpaste_stream.train.cli",        # train, evaluate
 )
+# Commands that write shard sets or a bank: judged by the error policy, resumed by a rerun.
+_STAGE_COMMANDS = ("run", "pack-coco", "generate", "extract", "index")
+# Stage commands whose positional shard patterns are checked before work (the stage checks kinds).
+_INPUT_PATTERNS = {"extract": "inputs", "index": "shards"}
+# Errors that are the input's or the machine's, not the program's: one line, exit status 2.
+_USER_ERRORS = (ConfigError, FormatError, ModelLoadError, FileNotFoundError, NotADirectoryError,
+                IsADirectoryError, PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xpaste-stream",
         description="X-Paste-style copy-paste augmentation at scale (WebDataset shards + DALI).")
+    _add_debug(parser, argparse.SUPPRESS)
+    parser.set_defaults(debug=False, max_failed_fraction=None, max_bad_shards=None, show_skips=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
@@ -34,17 +56,105 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for name, command in sub.choices.items():
+        _add_common_options(command, policy=name in _STAGE_COMMANDS)
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of an error")
+
+
+def _add_common_options(parser: argparse.ArgumentParser, policy: bool) -> None:
+    """`--debug` on every (sub)command; the error-policy thresholds on the stages."""
+    _add_debug(parser, argparse.SUPPRESS)
+    if policy:
+        p = parser.add_argument_group("error policy (a run that passes a threshold exits 1)")
+        p.add_argument("--max-failed-fraction", type=float, default=argparse.SUPPRESS,
+                       metavar="F", help="fail the run when more than this fraction of its inputs "
+                                         f"is skipped (default {errors.ErrorPolicy.max_failed_fraction})")
+        p.add_argument("--max-bad-shards", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="damaged or unreadable input shards tolerated (default "
+                            f"{errors.ErrorPolicy.max_bad_shards})")
+        p.add_argument("--show-skips", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help=f"skipped samples named on the console (default {errors.ErrorPolicy.show})")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_common_options(child, policy)
+
+
+def policy_from_args(args: argparse.Namespace, base: errors.ErrorPolicy | None = None
+                     ) -> errors.ErrorPolicy:
+    """The error policy: `base` (a pipeline file's, or the defaults) with the flags given."""
+    values = vars(base) if base is not None else {}
+    flags = {"max_failed_fraction": getattr(args, "max_failed_fraction", None),
+             "max_bad_shards": getattr(args, "max_bad_shards", None),
+             "show": getattr(args, "show_skips", None)}
+    return from_dict(errors.ErrorPolicy, {**values, **{k: v for k, v in flags.items() if v is not None}},
+                     "error policy")
+
+
+def check_input_patterns(args: argparse.Namespace) -> None:
+    """Every input pattern of a stage must name something, before any work."""
+    attr = _INPUT_PATTERNS.get(args.command)
+    if attr is not None:
+        resolve_inputs(getattr(args, attr), stage=args.command)
+
+
+def check_devices(args: argparse.Namespace) -> None:
+    """A `--device` naming a GPU this machine lacks is refused before any work."""
+    try:
+        errors.check_device(getattr(args, "device", None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = args.func(args)
-    except (ConfigError, FormatError, FileNotFoundError) as e:
-        print(f"xpaste-stream {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return int(result or 0)
+        with errors.stop_on_signals(), errors.collecting() as outcomes:
+            args.error_policy = policy_from_args(args)
+            check_devices(args)
+            check_input_patterns(args)
+            result = args.func(args)
+    except KeyboardInterrupt as e:
+        print(_stopped(args.command, e), file=sys.stderr)
+        return errors.interrupted_exit_code(e)
+    except _USER_ERRORS as e:
+        _print_error(args, f"error: {e}")
+        return errors.EXIT_USAGE
+    except Exception as e:  # a bug or an unforeseen environment problem: still one line
+        _print_error(args, f"internal error: {type(e).__name__}: {e}"
+                           + ("" if args.debug else " (rerun with --debug for the traceback)"))
+        return errors.EXIT_INTERNAL
+    return judge(outcomes, args.error_policy, int(result or 0))
+
+
+def judge(outcomes: list[errors.StageOutcome], policy: errors.ErrorPolicy, code: int = 0) -> int:
+    """Print each stage's skips and verdict (stderr); EXIT_FAILED when one failed the policy."""
+    for outcome in outcomes:
+        why = policy.judge(outcome)
+        text = errors.format_outcome(outcome, why, policy.show)
+        if text:
+            print(text, file=sys.stderr)
+        if why:
+            code = max(code, errors.EXIT_FAILED)
+    return code
+
+
+def _print_error(args: argparse.Namespace, message: str) -> None:
+    if args.debug:
+        traceback.print_exc()
+    print(f"xpaste-stream {args.command}: {message}", file=sys.stderr)
+
+
+def _stopped(command: str, e: KeyboardInterrupt) -> str:
+    name = signal.Signals(e.signum).name if isinstance(e, errors.Terminated) else "SIGINT (Ctrl-C)"
+    hint = ("; finished shards are kept: rerun the same command to resume"
+            if command in _STAGE_COMMANDS else "")
+    return f"xpaste-stream {command}: stopped by {name}{hint}"
 
 
 if __name__ == "__main__":

@@ -19,15 +19,17 @@ import zstandard
 
 # Schema versions, written into every JSON component and checked on read.
 IMAGE_SCHEMA = "xpaste.image/1"
-INSTANCE_SCHEMA = "xpaste.instance/1"
-BACKGROUND_SCHEMA = "xpaste.background/1"
+INSTANCE_SCHEMA = "xpaste.instance/2"  # /2: alpha as `mask.lz4` instead of `mask.png`
+INSTANCE_SCHEMAS = ("xpaste.instance/1", INSTANCE_SCHEMA)  # both are read
+BACKGROUND_SCHEMA = "xpaste.background/2"  # /2: masks.zst (box-cropped masks)
 CATEGORIES_SCHEMA = "xpaste.categories/1"
 STATS_SCHEMA = "xpaste.shard-stats/1"
 
 # Component names (the part of a tar member name after the key and its dot).
 IMAGE_COMPONENTS = ("jpg", "json")
-INSTANCE_COMPONENTS = ("jpg", "mask.png", "json")
-BACKGROUND_COMPONENTS = ("jpg", "json", "ann.zst")  # `png` replaces `jpg` for PNG sources
+INSTANCE_COMPONENTS = ("jpg", "mask.lz4", "json")  # /1 shards have `mask.png` instead
+INSTANCE_MASK_COMPONENTS = ("mask.lz4", "mask.png")
+BACKGROUND_COMPONENTS = ("jpg", "json", "ann.zst", "masks.zst")  # `png` replaces `jpg` for PNG sources
 BACKGROUND_IMAGE_EXTS = ("jpg", "png")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
@@ -111,10 +113,12 @@ def instance_sample(key: str, rgb: np.ndarray, alpha: np.ndarray, *, category_id
                     category: str, clip_score: float | None, source_key: str,
                     generator: str, segmenter: str, jpeg_quality: int = 95,
                     **extra: Any) -> dict:
-    """A cut-out object cropped to its tight box: RGB as JPEG, alpha (0..255) as 8-bit PNG.
+    """A cut-out object cropped to its tight box: RGB as JPEG, alpha (0..255) as LZ4.
 
-    JPEG keeps the colour payload decodable by nvJPEG on the GPU; the alpha is a separate
-    lossless PNG because JPEG has no alpha channel and lossy edges would move the mask.
+    JPEG keeps the colour payload decodable by nvJPEG on the GPU. The alpha is separate and
+    lossless (JPEG has no alpha channel; lossy edges would move the mask): the raw (h, w) bytes
+    as one LZ4 block, which DALI inflates on the GPU (`fn.decoders.inflate`) and the CPU in
+    ~8 us (PNG, schema /1: ~156 us for a 270 x 270 mask, and CPU-only), at ~15 % fewer bytes.
     """
     if rgb.shape[:2] != alpha.shape[:2] or rgb.ndim != 3 or alpha.ndim != 2:
         raise FormatError(f"{key}: rgb {rgb.shape} and alpha {alpha.shape} do not match")
@@ -124,11 +128,53 @@ def instance_sample(key: str, rgb: np.ndarray, alpha: np.ndarray, *, category_id
             "clip_score": None if clip_score is None else float(clip_score),
             "source_key": source_key, "generator": generator, "segmenter": segmenter, **extra}
     return {"__key__": check_key(key), "jpg": encode_jpeg(rgb, jpeg_quality),
-            "mask.png": encode_png(alpha.astype(np.uint8)), "json": json_bytes(meta)}
+            "mask.lz4": encode_alpha(alpha), "json": json_bytes(meta)}
+
+
+def encode_alpha(alpha: np.ndarray) -> bytes:
+    """(h, w) uint8 alpha -> one LZ4 block of its raw bytes (no size header: the instance's
+    json and the bank hold width and height)."""
+    import lz4.block
+
+    return lz4.block.compress(np.ascontiguousarray(alpha, np.uint8).tobytes(), store_size=False,
+                              mode="high_compression")
+
+
+def decode_alpha(data: bytes, component: str, width: int, height: int) -> np.ndarray:
+    """The (height, width) uint8 alpha of an instance from its `mask.lz4` or (schema /1)
+    `mask.png` bytes; FormatError when they are damaged or of another size."""
+    if component == "mask.lz4":
+        import lz4.block
+
+        try:
+            raw = lz4.block.decompress(bytes(data), uncompressed_size=width * height)
+        except lz4.block.LZ4BlockError as e:
+            raise FormatError(f"mask.lz4: damaged ({e})") from None
+        if len(raw) != width * height:
+            raise FormatError(f"mask.lz4: {len(raw)} bytes, {width}x{height} expected")
+        return np.frombuffer(raw, np.uint8).reshape(height, width)
+    import cv2
+
+    alpha = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if alpha is None or alpha.shape != (height, width):
+        raise FormatError(f"{component}: damaged or not {width}x{height}")
+    return alpha
+
+
+def instance_mask(sample: dict) -> tuple[str, bytes]:
+    """(component, bytes) of an instance sample's alpha: `mask.lz4`, or `mask.png` (/1)."""
+    for component in INSTANCE_MASK_COMPONENTS:
+        if component in sample:
+            return component, sample[component]
+    raise FormatError(f"{sample.get('__key__', '?')}: no mask component {INSTANCE_MASK_COMPONENTS}")
 
 
 def read_instance_meta(sample: dict) -> dict:
-    return _check_schema(json.loads(sample["json"]), INSTANCE_SCHEMA, sample.get("__key__", "?"))
+    meta = json.loads(sample["json"])
+    where = sample.get("__key__", "?")
+    if meta.get("schema") not in INSTANCE_SCHEMAS:
+        raise FormatError(f"{where}: schema {meta.get('schema')!r}, expected one of {INSTANCE_SCHEMAS}")
+    return meta
 
 
 # --- background shards (pack-coco) --------------------------------------------------------
@@ -150,10 +196,17 @@ def background_sample(key: str, image_bytes: bytes, image_ext: str, *, image_id:
                       file_name: str, width: int, height: int,
                       annotations: list[BackgroundAnnotation], neg_category_ids: list[int],
                       not_exhaustive_category_ids: list[int], repeat_factor: float = 1.0) -> dict:
-    """A real training image with its annotations; image bytes are stored as they were."""
+    """A real training image with its annotations; image bytes are stored as they were.
+
+    Besides each annotation's full COCO RLE (for evaluators), `masks.zst` holds every mask
+    cropped to its tight box as packed bits: the loader decodes ~box area instead of the whole
+    image per object (measured, 640x480, 12 LVIS-sized objects: 0.05 ms vs 5.4 ms for the
+    full-resolution RLE decode and 0.25 ms for box-cropped RLE)."""
     if image_ext not in BACKGROUND_IMAGE_EXTS:
         raise FormatError(f"{file_name}: background image extension {image_ext!r} not in "
                           f"{BACKGROUND_IMAGE_EXTS}")
+    masks = decode_masks([{"segmentation": a.rle} for a in annotations], int(height), int(width))
+    boxes, crops = mask_crops(masks)
     meta = {"schema": BACKGROUND_SCHEMA, "image_id": int(image_id), "file_name": file_name,
             "width": int(width), "height": int(height), "num_annotations": len(annotations),
             "category_ids": sorted({a.category_id for a in annotations}),
@@ -161,15 +214,53 @@ def background_sample(key: str, image_bytes: bytes, image_ext: str, *, image_id:
             "not_exhaustive_category_ids": sorted(int(c) for c in not_exhaustive_category_ids),
             "repeat_factor": round(float(repeat_factor), 6)}
     anns = [{"id": a.id, "category_id": a.category_id, "bbox": list(a.bbox), "area": a.area,
-             "iscrowd": a.iscrowd, "segmentation": a.rle} for a in annotations]
+             "iscrowd": a.iscrowd, "segmentation": a.rle, "mask_box": box}
+            for a, box in zip(annotations, boxes, strict=True)]
     return {"__key__": check_key(key), image_ext: image_bytes, "json": json_bytes(meta),
-            "ann.zst": zstd_json({"schema": BACKGROUND_SCHEMA, "annotations": anns})}
+            "ann.zst": zstd_json({"schema": BACKGROUND_SCHEMA, "annotations": anns}),
+            "masks.zst": zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(crops)}
+
+
+def mask_crops(masks: np.ndarray) -> tuple[list[list[int]], bytes]:
+    """(N, H, W) 0/1 masks -> each mask's tight box [y0, x0, h, w] ([0, 0, 0, 0] when empty)
+    and the crops as packed bits, one after the other, each padded to whole bytes."""
+    boxes, parts = [], []
+    for m in masks:
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        if len(rows) == 0:
+            boxes.append([0, 0, 0, 0])
+            continue
+        y0, x0, y1, x1 = int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+        boxes.append([y0, x0, y1 - y0, x1 - x0])
+        parts.append(np.packbits(m[y0:y1, x0:x1].astype(bool)).tobytes())
+    return boxes, b"".join(parts)
+
+
+def unpack_mask_crops(boxes: np.ndarray, packed: bytes) -> np.ndarray:
+    """The crops of `mask_crops` as one flat uint8 0/1 array (crop after crop, row-major,
+    no padding); raises FormatError when the bytes do not match the boxes."""
+    bits = np.frombuffer(packed, np.uint8)
+    areas = boxes[:, 2].astype(np.int64) * boxes[:, 3]
+    nbytes = (areas + 7) // 8
+    if int(nbytes.sum()) != len(bits):
+        raise FormatError(f"masks.zst holds {len(bits)} bytes, its boxes need {int(nbytes.sum())}")
+    out = np.empty(int(areas.sum()), np.uint8)
+    at_in = at_out = 0
+    for area, nb in zip(areas.tolist(), nbytes.tolist(), strict=True):
+        out[at_out:at_out + area] = np.unpackbits(bits[at_in:at_in + nb], count=area)
+        at_in, at_out = at_in + nb, at_out + area
+    return out
 
 
 def read_background(sample: dict) -> tuple[dict, list[dict]]:
     """Metadata and annotation list of a background sample (masks still RLE)."""
     where = sample.get("__key__", "?")
-    meta = _check_schema(json.loads(sample["json"]), BACKGROUND_SCHEMA, where)
+    meta = json.loads(sample["json"])
+    if meta.get("schema") == "xpaste.background/1":
+        raise FormatError(f"{where}: background shard written by an older version "
+                          "(xpaste.background/1, no box-cropped masks); rerun `xpaste-stream "
+                          "pack-coco` to write xpaste.background/2 shards")
+    meta = _check_schema(meta, BACKGROUND_SCHEMA, where)
     anns = _check_schema(unzstd_json(sample["ann.zst"]), BACKGROUND_SCHEMA, where)["annotations"]
     return meta, anns
 

@@ -12,19 +12,21 @@ recipe in `[loader.paste]` and batching in `[loader.batching]`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import urls
+from . import errors, formats, urls
 from .config import ConfigError, from_dict, load_toml
 from .extract import ExtractConfig, run_extract
 from .generate import GenerateConfig, run_generate
 from .generate.procedural import SceneSpec, category_names, write_scene_dataset
 from .loader.config import LoaderConfig, PasteConfig
 from .pack import PackCocoConfig, run_pack_coco
+from .shards import resolve_inputs
 
 Stage = Literal["scenes", "pack_coco", "generate", "extract", "index"]
 STAGE_ORDER = ("scenes", "pack_coco", "generate", "extract", "index")
@@ -63,9 +65,9 @@ class IndexConfig:
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
 
-    def check_inputs(self) -> None:
-        if not urls.expand(self.inputs) or not all(urls.exists(u) for u in urls.expand(self.inputs)):
-            raise ConfigError(f"inputs {self.inputs}: no such instance shards")
+    def check_inputs(self) -> list[str]:
+        """Every input exists, is a tar and holds instance samples (errors name the shard)."""
+        return resolve_inputs(self.inputs, schema=formats.INSTANCE_SCHEMAS, stage="index")
 
 
 @dataclass
@@ -94,6 +96,8 @@ class LoaderSection:
 class PipelineSection:
     name: str = "pipeline"
     stages: list[Stage] = field(default_factory=list)
+    # when a stage that ran to its end still fails (and the pipeline stops there): errors.py
+    errors: errors.ErrorPolicy = field(default_factory=errors.ErrorPolicy)
 
     def validate(self) -> None:
         if not self.stages:
@@ -154,16 +158,40 @@ def check_inputs(cfg: PipelineConfig, where: str = "pipeline", check_models: boo
                     method()
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"{where}.{stage}: {e}") from None
+        if check_models:
+            _check_devices(section, f"{where}.{stage}")
 
 
-def run_pipeline(cfg: PipelineConfig, progress: bool = True, report: str | None = None) -> dict:
+def _check_devices(section, where: str) -> None:
+    """Every `device` a stage's config (or a nested one) names must exist on this machine."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_devices(value, f"{where}.{f.name}")
+        elif f.name == "device" and isinstance(value, (str, int)):
+            try:
+                errors.check_device(value, f"{where}.device")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+def run_pipeline(cfg: PipelineConfig, progress: bool = True, report: str | None = None,
+                 policy: errors.ErrorPolicy | None = None) -> dict:
+    """Run the stages in order; the first stage the error policy (default: the file's) fails
+    stops the pipeline, and `results["failed"]` says which and why."""
+    policy = policy or cfg.pipeline.errors
     results: dict[str, dict] = {}
     for stage in cfg.pipeline.stages:
         started = time.time()
         if progress:
             print(f"== {cfg.pipeline.name}: {stage}", flush=True)
-        results[stage] = _run_stage(cfg, stage, progress)
+        with errors.collecting() as outcomes:
+            results[stage] = _run_stage(cfg, stage, progress)
         results[stage]["wall_seconds"] = round(time.time() - started, 2)
+        why = [w for outcome in outcomes for w in policy.judge(errors.record(outcome))]
+        if why:
+            results["failed"] = {"stage": stage, "why": why}
+            break
     if report:
         urls.write_bytes(report, json.dumps(results, indent=1).encode())
     return results
@@ -190,7 +218,7 @@ def _run_stage(cfg: PipelineConfig, stage: str, progress: bool) -> dict:
         from .bank import build_index
 
         i = cfg.index
-        summary = build_index(urls.expand(i.inputs), i.output, workers=i.workers, dedup=i.dedup,
+        summary = build_index(i.check_inputs(), i.output, workers=i.workers, dedup=i.dedup,
                               min_clip=i.min_clip, progress=progress)
         return {k: v for k, v in summary.items() if k != "shards_read"}
     raise ConfigError(f"unknown stage {stage!r}")
@@ -238,7 +266,10 @@ def make_demo_data(workdir: str, num_categories: int = 20, instances_per_categor
     """Build (or resume) the demo data set; returns the paths the loader needs."""
     cfg = demo_pipeline(workdir, num_categories, instances_per_category, num_backgrounds,
                         image_size, seed)
-    run_pipeline(cfg, progress=progress, report=os.path.join(workdir, "pipeline-report.json"))
+    results = run_pipeline(cfg, progress=progress, report=os.path.join(workdir, "pipeline-report.json"))
+    if "failed" in results:
+        raise RuntimeError(f"demo data in {workdir}: stage {results['failed']['stage']} failed: "
+                           + "; ".join(results["failed"]["why"]))
     return {"backgrounds": urls.expand(os.path.join(workdir, "backgrounds", "bg-*.tar")),
             "categories": cfg.pack_coco.categories_path(), "bank": cfg.index.output}
 
@@ -252,10 +283,13 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
+    from .cli import policy_from_args
+
     cfg = load_pipeline(args.config)
+    args.error_policy = policy_from_args(args, cfg.pipeline.errors)  # flags override the file
     if args.check:
         print(f"{args.config}: ok, stages {cfg.pipeline.stages}")
         return 0
-    results = run_pipeline(cfg, progress=not args.quiet)
+    results = run_pipeline(cfg, progress=not args.quiet, policy=args.error_policy)
     print(json.dumps(results, indent=1, default=str))
     return 0

@@ -5,10 +5,13 @@
 - a DALI index (`wds2idx` format v1.2) is written beside it, so DALI's reader can shard by rank;
 - a stats JSON is written last: a shard whose stats exist is done. Stats record the range of
   input positions the shard covers, so a rerun resumes at the first input no finished shard
-  covers and rewrites the partial shard from scratch (no duplicates, no gaps).
+  covers and rewrites the partial shard from scratch (no duplicates, no gaps);
+- every input it could not deliver is recorded (source, key, reason) in the stats of the shard
+  covering it and in the shard set's rejects list (errors.py), rebuilt whole on every run.
 
 `iter_tar` reads shards back tolerantly: a truncated or corrupt shard yields its whole samples
-and reports the damage instead of raising mid-epoch.
+(the last one before the cut too) and reports the damage, naming the samples it lost when the
+shard's DALI index lists them. `resolve_inputs` checks input shards before any work.
 """
 
 from __future__ import annotations
@@ -18,13 +21,22 @@ import json
 import re
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import urls
+from . import errors, formats, urls
+from .config import ConfigError
+from .errors import Reject, RejectsList, StageOutcome
 from .formats import STATS_SCHEMA, check_key
 
-_MAX_LISTED_FAILURES = 100
+_KIND_NAMES = {formats.IMAGE_SCHEMA: "image", formats.BACKGROUND_SCHEMA: "background",
+               **dict.fromkeys(formats.INSTANCE_SCHEMAS, "instance")}
+
+
+def check_output_pattern(pattern: str) -> None:
+    """Raise ValueError unless `pattern` names shards (a shard-number field or a brace range)."""
+    ShardNames(pattern)
 
 
 def shard_name(pattern: str, index: int) -> str:
@@ -87,6 +99,8 @@ class _OpenShard:
     count: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     failed_samples: list[dict] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    dropped_parts: list[dict] = field(default_factory=list)
     index_lines: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
@@ -95,47 +109,61 @@ class ShardWriter:
     """Writes samples (dicts of `__key__` and component bytes) into resumable shards.
 
     Inputs are numbered by the caller in a deterministic order. Call `resume()` first and skip
-    inputs below the position it returns; then `add(i, sample)` or `fail(i, reason, detail)`
-    for every later input, and `close()` at the end.
+    inputs below the position it returns; then `add(i, sample)` or `fail(i, reason, ...)` for
+    every later input, `reject_input` for what has no position (a damaged input shard), and
+    `close()` at the end. A shard is also cut after `maxcount` failures, so stats stay small.
     """
 
     def __init__(self, pattern: str, *, maxcount: int = 1000, maxsize: int = 1 << 30,
-                 dali_index: bool = True):
+                 dali_index: bool = True, rejects: str | None = None):
         if maxcount < 1 or maxsize < 1:
             raise ValueError(f"maxcount ({maxcount}) and maxsize ({maxsize}) must be positive")
         self.names = ShardNames(pattern)
         self.maxcount, self.maxsize, self.dali_index = maxcount, maxsize, dali_index
+        self.rejects_path = rejects or errors.rejects_path(pattern)
         self.next_shard = 0
         self.next_input = 0
-        self.done: list[dict] = []
+        self.done: list[dict] = []  # stats of finished shards, without their record lists
+        self.input_failures: dict[str, int] = {}  # samples lost with no input position
+        self.bad_shards = 0
         self._open: _OpenShard | None = None
-        self._resumed = False
+        self._rejects: RejectsList | None = None
 
     # -- resume ----------------------------------------------------------------------------
 
     def resume(self) -> int:
         """Skip finished shards; return the first input position still to be written."""
+        self._rejects = RejectsList(self.rejects_path)
         while True:
             name = self.names[self.next_shard] if self._has_name(self.next_shard) else None
             stats = read_stats(name) if name else None
             if stats is None:
                 break
-            self.done.append(stats)
+            self._keep(stats, name)
             self.next_input = stats["input_end"]
             self.next_shard += 1
         if name:  # a partial shard from an interrupted run: rewritten from its first input
             for leftover in (name + ".tmp", name):
                 urls.remove(leftover)
-        self._resumed = True
         return self.next_input
 
     def _has_name(self, index: int) -> bool:
         return self.names.fixed is None or index < len(self.names.fixed)
 
+    def _keep(self, stats: dict, name: str) -> None:
+        """Count a finished shard and put its records into the rejects list."""
+        for what, records in (("sample", stats.get("failed_samples", [])),
+                              ("part", stats.get("dropped_parts", []))):
+            for r in records:
+                self._rejects.add(Reject(what, r.get("source") or "", r.get("key"), r["reason"],
+                                         r.get("detail", ""), r.get("input"), name))
+        self.done.append({k: v for k, v in stats.items()
+                          if k not in ("failed_samples", "dropped_parts")})
+
     # -- writing ---------------------------------------------------------------------------
 
     def _current(self, position: int) -> _OpenShard:
-        if not self._resumed:
+        if self._rejects is None:
             raise RuntimeError("call ShardWriter.resume() before writing")
         if position < self.next_input:
             raise ValueError(f"input {position} is before the resume point {self.next_input}")
@@ -146,7 +174,9 @@ class ShardWriter:
                                           format=tarfile.USTAR_FORMAT)
         return self._open
 
-    def add(self, position: int, sample: dict) -> None:
+    def add(self, position: int, sample: dict, *, source: str | None = None,
+            dropped: list[tuple[str, str]] = ()) -> None:
+        """Write one sample; `dropped` lists (reason, detail) of parts left out of it."""
         key = check_key(sample["__key__"])
         parts = [(k, v) for k, v in sample.items() if not k.startswith("__")]
         size = sum(len(v) + 1024 for _, v in parts)
@@ -165,24 +195,66 @@ class ShardWriter:
             data_offset = shard.tar.offset - _padded(len(data))
             line.append(f"{ext} {data_offset} {len(data)} {member}")
         shard.index_lines.append(" ".join(line))
+        for reason, detail in dropped:
+            shard.dropped[reason] = shard.dropped.get(reason, 0) + 1
+            shard.dropped_parts.append({"input": position, "source": source, "key": key,
+                                        "reason": reason, "detail": detail})
         shard.count += 1
         self.next_input = position + 1
         if shard.count >= self.maxcount:
             self._finish()
 
-    def fail(self, position: int, reason: str, detail: str = "") -> None:
+    def fail(self, position: int, reason: str, detail: str = "", *, source: str | None = None,
+             key: str | None = None) -> None:
         """Count an input that could not be turned into a sample; the run goes on."""
         shard = self._current(position)
         shard.failures[reason] = shard.failures.get(reason, 0) + 1
-        if len(shard.failed_samples) < _MAX_LISTED_FAILURES:
-            shard.failed_samples.append({"input": position, "reason": reason, "detail": detail})
+        shard.failed_samples.append({"input": position, "source": source, "key": key,
+                                     "reason": reason, "detail": detail})
         self.next_input = position + 1
+        if len(shard.failed_samples) >= self.maxcount:
+            self._finish()
+
+    def reject_input(self, reject: Reject) -> None:
+        """Record what the reader lost without an input position: a bad shard, its lost samples."""
+        if self._rejects is None:
+            raise RuntimeError("call ShardWriter.resume() before writing")
+        self._rejects.add(reject)
+        if reject.what == "shard":
+            self.bad_shards += 1
+        else:
+            self.input_failures[reject.reason] = self.input_failures.get(reject.reason, 0) + 1
+
+    def reject_damage(self, damage: TarDamage) -> None:
+        """A damaged input shard and the samples it lost (named when its index lists them)."""
+        self.reject_input(damage.as_reject())
+        for key in damage.lost_keys:
+            self.reject_input(Reject("sample", damage.shard, key, "truncated",
+                                     "lost where the shard is cut short"))
+        unnamed = (damage.lost or 0) - len(damage.lost_keys)
+        for _ in range(max(0, unnamed)):
+            self.reject_input(Reject("sample", damage.shard, None, "truncated",
+                                     "lost where the shard is cut short (key unknown: no .idx)"))
 
     def close(self) -> dict:
         """Finish the last shard; return totals over all shards of this output (resumed too)."""
         if self._open is not None:
             self._finish()
-        return summarize(self.done)
+        summary = summarize(self.done)
+        for reason, n in self.input_failures.items():
+            summary["failures"][reason] = summary["failures"].get(reason, 0) + n
+            summary["failed"] += n
+        summary["bad_input_shards"] = self.bad_shards
+        self.first_rejects = self._rejects.first if self._rejects else []
+        summary["rejects"] = self._rejects.close() if self._rejects else None
+        self._rejects = None
+        return summary
+
+    def outcome(self, stage: str, summary: dict) -> StageOutcome:
+        """The facts of this run for the error policy (call after `close`)."""
+        return StageOutcome(stage, summary["samples"], summary["failed"], dict(summary["failures"]),
+                            dict(summary.get("dropped", {})), summary["bad_input_shards"],
+                            list(self.first_rejects), summary["rejects"])
 
     def _finish(self) -> None:
         shard, self._open = self._open, None
@@ -197,11 +269,12 @@ class ShardWriter:
         stats = {"schema": STATS_SCHEMA, "shard": name if shard.count else None,
                  "shard_index": shard.index, "count": shard.count, "bytes": len(data) if shard.count else 0,
                  "failures": shard.failures, "failed_samples": shard.failed_samples,
+                 "dropped": shard.dropped, "dropped_parts": shard.dropped_parts,
                  "input_start": shard.input_start, "input_end": self.next_input,
                  "seconds": round(time.time() - shard.started, 3),
                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         urls.write_bytes(stats_path(name), json.dumps(stats, indent=1).encode())
-        self.done.append(stats)
+        self._keep(stats, name)
         self.next_shard += 1
 
 
@@ -222,11 +295,14 @@ def _padded(n: int) -> int:
 
 def summarize(stats: list[dict]) -> dict:
     failures: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     for s in stats:
         for reason, n in s["failures"].items():
             failures[reason] = failures.get(reason, 0) + n
+        for reason, n in s.get("dropped", {}).items():
+            dropped[reason] = dropped.get(reason, 0) + n
     return {"shards": sum(1 for s in stats if s["count"]), "samples": sum(s["count"] for s in stats),
-            "failed": sum(failures.values()), "failures": failures,
+            "failed": sum(failures.values()), "failures": failures, "dropped": dropped,
             "bytes": sum(s["bytes"] for s in stats), "seconds": round(sum(s["seconds"] for s in stats), 3)}
 
 
@@ -235,50 +311,113 @@ def summarize(stats: list[dict]) -> dict:
 
 @dataclass
 class TarDamage:
-    """What went wrong reading one shard; `samples` whole samples were read before it."""
+    """What went wrong reading one shard; `samples` whole samples were read before it.
+
+    `lost_keys`: the samples known lost (the one cut, and those after it when the shard's DALI
+    index lists them); `lost`: how many were lost, when the index or the stats tell (else None).
+    """
 
     shard: str
     error: str
     samples: int
+    lost_keys: list[str] = field(default_factory=list)
+    lost: int | None = None
+    reason: str = "truncated_shard"  # or "unreadable_shard": not one member could be read
+
+    def as_reject(self) -> Reject:
+        lost = "unknown" if self.lost is None else self.lost
+        return Reject("shard", self.shard, None, self.reason,
+                      f"{self.error}; {self.samples} whole samples read, {lost} lost")
 
 
-def iter_tar(url: str, damage: list[TarDamage] | None = None) -> Iterator[dict]:
+def iter_tar(url: str, damage: list[TarDamage] | None = None,
+             complete: Callable[[dict], bool] | None = None) -> Iterator[dict]:
     """Samples of one shard as dicts (`__key__`, `__url__`, component bytes).
 
     Members are grouped by key (text before the first dot of the base name). A truncated or
-    unreadable shard ends early: the damage is appended to `damage` (or raised if None) and the
-    incomplete last sample is dropped.
+    unreadable shard ends early: the damage is appended to `damage` (or raised if None). The
+    sample read when the shard ends is yielded when it is whole: `complete(sample)` says so, or
+    else it has every component its predecessor had.
     """
     count = 0
     current: dict | None = None
+    template: set[str] | None = None
+    members = 0
     end = 0  # where the last member's data (padded) ends: the end-of-archive block must follow
     try:
         with urls.open_url(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
+                members += 1
                 if not member.isfile():
                     continue
                 base = member.name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        count += 1
+                        template = _components(current)
+                        yield current
+                    current = {"__key__": key, "__url__": url}
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} truncated")
                 end = member.offset_data + _padded(member.size)
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        count += 1
-                        yield current
-                    current = {"__key__": key, "__url__": url}
                 current[ext] = data
         if current is not None and not _ends_archive(url, end):
             raise tarfile.ReadError(f"no end-of-archive block after byte {end} (file cut short)")
     except (tarfile.TarError, OSError, EOFError) as e:
+        last = current
         current = None
-        err = TarDamage(url, f"{type(e).__name__}: {e}", count)
+        whole = last is not None and (complete(last) if complete is not None else
+                                      template is not None and _components(last) >= template)
+        if whole:
+            count += 1
+        err = TarDamage(url, f"{type(e).__name__}: {e}", count,
+                        *lost_samples(url, count, None if whole or last is None else last["__key__"]),
+                        reason="truncated_shard" if members else "unreadable_shard")
         if damage is None:
             raise ValueError(f"{url}: damaged shard after {count} samples ({err.error})") from e
         damage.append(err)
+        if whole:
+            yield last
     if current is not None:
         yield current
+
+
+def _components(sample: dict) -> set[str]:
+    return {k for k in sample if not k.startswith("__")}
+
+
+def lost_samples(url: str, read: int, cut_key: str | None) -> tuple[list[str], int | None]:
+    """(keys known lost, how many were lost or None) for a shard cut after `read` whole
+    samples: its DALI index names them all; else its stats count them and only the sample
+    being read at the cut (`cut_key`) has a name."""
+    keys = index_keys(url)
+    if keys is not None and len(keys) >= read:
+        return keys[read:], len(keys) - read
+    try:
+        stats = read_stats(url)
+    except (OSError, ValueError):
+        stats = None
+    lost = stats["count"] - read if stats and stats.get("count", 0) >= read else None
+    if cut_key is not None and lost == 0:
+        lost = None  # the stats are not this shard's
+    return ([cut_key] if cut_key else []), lost
+
+
+def index_keys(url: str) -> list[str] | None:
+    """Sample keys in the order the shard's DALI index lists them; None without an index."""
+    path = dali_index_path(url)
+    try:
+        if not urls.exists(path):
+            return None
+        with urls.open_url(path, "rb") as f:
+            lines = f.read().decode().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or not lines[0].startswith("v1."):
+        return None
+    return [line.split()[3].partition(".")[0] for line in lines[1:] if len(line.split()) >= 4]
 
 
 def _ends_archive(url: str, offset: int) -> bool:
@@ -287,3 +426,92 @@ def _ends_archive(url: str, offset: int) -> bool:
         f.seek(offset)
         block = f.read(512)
     return len(block) == 512 and not any(block)
+
+
+def check_components(sample: dict, required: tuple[str, ...]) -> tuple[str, str] | None:
+    """(reason, detail) when a sample lacks, or has empty, required components; None if fine.
+
+    A key with a dot shows up as components like `0001.jpg` under the text before the dot.
+    """
+    present = _components(sample)
+    dotted = _dotted(sample, required)
+    if dotted:
+        return "dotted_key", (f"members {', '.join(sample['__key__'] + '.' + c for c in dotted)}: "
+                              "sample keys must not contain dots")
+    missing = [c for c in required if c not in sample]
+    if missing:
+        return "missing_component", f"no {', '.join(missing)} (has {', '.join(sorted(present)) or 'nothing'})"
+    empty = [c for c in required if not sample[c]]
+    if empty:
+        return "empty_component", f"{', '.join(empty)} is empty"
+    return None
+
+
+def _dotted(sample: dict, required: tuple[str, ...]) -> list[str]:
+    return sorted(c for c in _components(sample)
+                  if c not in required and any(c.endswith("." + r) for r in required))
+
+
+def sample_key(sample: dict, required: tuple[str, ...]) -> str:
+    """The key a sample was written under: for a dotted key, the text before the dot is not all."""
+    dotted = _dotted(sample, required)
+    if not dotted:
+        return sample["__key__"]
+    suffix = max((r for r in required if dotted[0].endswith("." + r)), key=len)
+    return f"{sample['__key__']}.{dotted[0][:-len(suffix) - 1]}"
+
+
+# -- inputs, checked before work --------------------------------------------------------------
+
+
+def resolve_inputs(patterns: str | list[str], *, schema: str | tuple[str, ...] | None = None,
+                   stage: str = "inputs") -> list[str]:
+    """Every shard the patterns name; raises ConfigError naming what matches nothing, is
+    missing, is not a tar, or holds samples of another stage (with `schema`: the one, or the
+    versions, the stage reads)."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise ConfigError(f"{stage}: no input shards given")
+    found: list[str] = []
+    problems: list[str] = []
+    for pattern in patterns:
+        matched = urls.expand(pattern)
+        if not matched:
+            problems.append(f"{pattern!r} matches no files")
+        problems += [f"{u} not found" for u in matched if not urls.exists(u)]
+        found += matched
+    if problems:
+        raise ConfigError(f"{stage}: " + "; ".join(problems))
+    found = list(dict.fromkeys(found))
+    if schema is not None:
+        with ThreadPoolExecutor(8) as pool:  # one small read per shard; overlaps remote latency
+            problems = [p for p in pool.map(lambda u: _kind_problem(u, schema, stage), found) if p]
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ConfigError(f"{stage}: " + "; ".join(problems[:5]) + more)
+    return found
+
+
+def _kind_problem(url: str, schema: str | tuple[str, ...], stage: str, peek: int = 4) -> str | None:
+    """Why `url` is not a shard of the kind `schema` names (None when it is, or cannot tell)."""
+    schemas = (schema,) if isinstance(schema, str) else schema
+    damage: list[TarDamage] = []
+    samples = iter_tar(url, damage)
+    try:
+        for _, sample in zip(range(peek), samples, strict=False):
+            try:
+                found = json.loads(sample["json"]).get("schema")
+            except (KeyError, ValueError, UnicodeDecodeError, AttributeError):
+                continue
+            if found in schemas:
+                return None
+            kind = _KIND_NAMES.get(found, f"schema {found!r}")
+            return (f"{url} holds {kind} samples, {stage} reads {_KIND_NAMES.get(schemas[0], schemas[0])} "
+                    "shards")
+    finally:
+        samples.close()
+    if damage and not damage[0].samples:
+        return f"{url} is not a readable tar shard ({damage[0].error})"
+    if not damage and not urls.exists(url):
+        return f"{url} not found"
+    return None

@@ -22,6 +22,7 @@ import numpy as np
 from .layout import CATEGORY_FILES, COLUMNS, BankError, column_path, read_manifest
 from .sources import open_shard
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # When the mask starts at most this far after the jpg ends, both are fetched in one read.
 _JOINT_READ_GAP = 64 * 1024
 
@@ -94,7 +95,8 @@ class InstanceBank:
     # -- payloads ------------------------------------------------------------------------------
 
     def read(self, iid: int) -> dict:
-        """{"jpg": bytes, "mask.png": bytes, "category_id": int} of one instance."""
+        """{"jpg": bytes, "mask.lz4" (or "mask.png" for schema /1 shards): bytes,
+        "category_id": int} of one instance (the mask's kind is told by the PNG signature)."""
         iid = int(self._check_ids(iid))
         c = self._columns
         shard = int(c["shard"][iid])
@@ -110,7 +112,8 @@ class InstanceBank:
                 jpg, mask = file.read(jpg_at, jpg_size), file.read(mask_at, mask_size)
         if len(jpg) != jpg_size or len(mask) != mask_size:
             raise BankError(f"shard {self.shards[shard]['path']}: short read for instance {iid}")
-        return {"jpg": jpg, "mask.png": mask, "category_id": int(c["category"][iid])}
+        component = "mask.png" if mask[:8] == PNG_SIGNATURE else "mask.lz4"
+        return {"jpg": jpg, component: mask, "category_id": int(c["category"][iid])}
 
     def read_many(self, ids) -> list[dict]:
         """`read` of each id, in the order given; reads are issued in file order."""

@@ -20,6 +20,9 @@
    columns it does not match.
 
 The bank indexes exactly the shards given: a shard of the previous bank not given is dropped.
+Damaged samples are skipped, never fatal (tarscan.py): counted per shard in the manifest and
+stats.json, and listed whole in `rejects.jsonl` (errors.py); each build rewrites that list, keeping
+the records of reused shards.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from .. import errors
+from ..formats import INSTANCE_SCHEMAS
+from ..shards import resolve_inputs
 from . import sources
 from .layout import (
     BANK_SCHEMA,
@@ -56,7 +62,8 @@ def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool =
     """Index instance shards into the bank folder `out_dir`; return a summary dict.
 
     Rerunning with more shards reads only the new ones. A truncated shard is indexed up to its
-    last whole sample and listed under "truncated"; a missing shard raises BankError.
+    last whole sample and listed under "truncated"; a damaged sample is skipped and listed in
+    `rejects.jsonl`; a missing shard, or one that is not an instance shard, raises before work.
     """
     started = time.time()
     paths = list(dict.fromkeys(sources.normalise(s) for s in shards))
@@ -67,19 +74,27 @@ def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool =
     reused = {i: previous[ident["path"]] for i, ident in enumerate(identities)
               if ident["path"] in previous and sources.same_identity(previous[ident["path"]][0], ident)}
     to_read = [i for i in range(len(paths)) if i not in reused]
+    if to_read:
+        resolve_inputs([paths[i] for i in to_read], schema=INSTANCE_SCHEMAS, stage="index")
     scans = _scan_all([paths[i] for i in to_read], workers, dedup, progress)
+    kept_rejects = _previous_rejects(out_dir, {paths[i] for i in reused})
 
-    table, per_shard = [], []
+    table, per_shard, rejects = [], [], []
     for i, ident in enumerate(identities):
         if i in reused:
             entry, rows = reused[i]
-            truncated = entry["truncated"]
+            truncated, skipped = entry["truncated"], entry.get("skipped", {})
+            rejects += kept_rejects.get(paths[i], [])
         else:
             scan = scans[paths[i]]
             rows = scan.rows
             truncated = None if scan.truncated is None else {"error": scan.truncated,
                                                              "samples": len(rows)}
-        table.append({**ident, "instances": len(rows), "truncated": truncated})
+            skipped = _count(r.reason for r in scan.skipped)
+            if truncated:
+                rejects.append(errors.Reject("shard", paths[i], None, "truncated_shard", scan.truncated))
+            rejects += scan.skipped
+        table.append({**ident, "instances": len(rows), "truncated": truncated, "skipped": skipped})
         per_shard.append(rows)
 
     rows, shard = _concat(per_shard)
@@ -95,22 +110,47 @@ def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool =
     os.makedirs(out_dir, exist_ok=True)
     _remove(os.path.join(out_dir, MANIFEST))  # an interrupted write then leaves no stale manifest
     categories, starts = _write_columns(out_dir, rows[order], shard[order], num_kept, dedup)
+    rejects_list = errors.RejectsList(os.path.join(out_dir, errors.REJECTS_SUFFIX))
+    for r in rejects:
+        rejects_list.add(r)
+    rejects_path = rejects_list.close()
     manifest = _manifest(table, len(rows), num_kept, len(categories), dedup, int(duplicate.sum()),
                          clip_filter)
     write_json(os.path.join(out_dir, MANIFEST), manifest)
 
+    failures = _count(r.reason for r in rejects if r.what == "sample")
     summary = {"bank": os.path.abspath(out_dir), "instances": num_kept, "indexed": len(rows),
                "duplicates_dropped": int(duplicate.sum()), "clip_filter": clip_filter,
                "categories": len(categories),
                "shards": len(table), "shards_read": [paths[i] for i in to_read],
                "shards_reused": len(reused),
                "truncated": [{"shard": e["path"], **e["truncated"]} for e in table if e["truncated"]],
+               "failed": sum(failures.values()), "failures": failures, "rejects": rejects_path,
                "seconds": round(time.time() - started, 3)}
     per_category = dict(zip(categories.tolist(), np.diff(starts).tolist(), strict=True))
     stats = {**summary, "shards_read": len(to_read), "instances_per_category": per_category}
     write_json(os.path.join(out_dir, STATS), stats)
     summary["bytes_per_instance"] = round(bank_bytes(out_dir) / max(1, len(rows)), 2)
+    errors.record(errors.StageOutcome(
+        "index", len(rows), summary["failed"], failures, bad_shards=len(summary["truncated"]),
+        first=rejects[:100], rejects_path=rejects_path))
     return summary
+
+
+def _count(reasons) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def _previous_rejects(out_dir: str, paths: set[str]) -> dict[str, list[errors.Reject]]:
+    """The rejects a previous build recorded for the shards it is reused for, by shard."""
+    kept: dict[str, list[errors.Reject]] = {}
+    for record in errors.read_rejects(os.path.join(out_dir, errors.REJECTS_SUFFIX)):
+        if record.get("source") in paths:
+            kept.setdefault(record["source"], []).append(errors.Reject(**record))
+    return kept
 
 
 def _previous_rows(out_dir: str, need_hashes: bool) -> dict[str, tuple[dict, np.ndarray]]:

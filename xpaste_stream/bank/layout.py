@@ -31,7 +31,7 @@ COLUMNS = {
     "shard": np.uint32,       # index into the manifest's shard table
     "jpg_block": np.uint32,   # data offset of the jpg member / 512
     "jpg_size": np.uint32,    # bytes
-    "mask_block": np.uint32,  # data offset of the mask.png member / 512
+    "mask_block": np.uint32,  # data offset of the mask.lz4 (or /1: mask.png) member / 512
     "mask_size": np.uint32,
     "category": np.int32,
     "width": np.uint16,

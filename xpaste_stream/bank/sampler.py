@@ -42,9 +42,10 @@ class Sampler:
         self._accept, self._alias = alias_table(self.probabilities)
         self._rng = rng
 
-    def draw(self, n: int) -> np.ndarray:
-        """`n` instance ids (int64), drawn independently with replacement."""
-        rng = self._rng
+    def draw(self, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """`n` instance ids (int64), drawn independently with replacement; from `rng` when
+        given (the loader draws each sample from its own (seed, epoch, position) generator)."""
+        rng = self._rng if rng is None else rng
         column = rng.integers(0, len(self._accept), n)
         category = np.where(rng.random(n) < self._accept[column], column, self._alias[column])
         counts = self._counts[category]

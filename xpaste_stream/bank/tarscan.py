@@ -1,8 +1,11 @@
 """Index one instance shard from its tar headers and JSON components, without decoding images.
 
 The walk reads each 512-byte header, reads the data of `json` members only and jumps over the
-jpg and mask.png payloads, recording where they are. A shard cut short is indexed up to its last
-whole sample: a sample is kept when its jpg, mask.png and json members lie whole in the file.
+jpg and mask payloads (`mask.lz4`, or `mask.png` in schema /1), recording where they are. A shard
+cut short is indexed up to its last whole sample: one whose jpg, mask and json lie whole; the
+samples lost at the cut are named when the shard's DALI index lists them. A damaged sample (a
+component missing or empty, a dotted key, unreadable JSON, another schema) is skipped and
+recorded (errors.Reject), never fatal: payloads are not decoded here (`inspect` decodes them).
 With `hash_images`, the jpg of every instance is also read and hashed for near-duplicate removal
 (see phash.py) - the one place the bank decodes.
 """
@@ -13,16 +16,23 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import urls
-from ..formats import INSTANCE_SCHEMA
+from .. import shards, urls
+from ..errors import Reject
+from ..formats import INSTANCE_MASK_COMPONENTS, INSTANCE_SCHEMAS
 from .layout import BLOCK, BankError
 from .phash import dhash64
 
-REQUIRED = ("jpg", "mask.png", "json")
+
+def required(parts) -> tuple[str, str, str]:
+    """The components an instance needs: jpg, json and its mask (whichever version it has)."""
+    mask = next((c for c in INSTANCE_MASK_COMPONENTS if c in parts), INSTANCE_MASK_COMPONENTS[0])
+    return "jpg", mask, "json"
+
+
 ZERO_BLOCK = bytes(BLOCK)
 _REGULAR_FILE = (b"0", b"\0", b"7")
 
@@ -34,60 +44,110 @@ ROW_DTYPE = np.dtype([("jpg_block", np.uint32), ("jpg_size", np.uint32), ("mask_
 
 @dataclass
 class ShardScan:
-    """The rows of one shard in file order, and what cut it short (None for a whole shard)."""
+    """The rows of one shard in file order, what cut it short (None for a whole shard), and the
+    samples skipped (damaged, or lost at the cut)."""
 
     url: str
     rows: np.ndarray
     truncated: str | None
+    skipped: list[Reject] = field(default_factory=list)
 
 
 class _Truncated(Exception):
-    """The file ends before the tar archive does."""
+    """The file ends before the tar archive does; `member` is the one cut, when known."""
+
+    def __init__(self, message: str, member: str | None = None):
+        super().__init__(message)
+        self.member = member
 
 
 def scan_shard(url: str, hash_images: bool = False) -> ShardScan:
     reader = _open_reader(url)
     try:
-        rows, truncated = _scan(reader, url, hash_images)
+        scan = ShardScan(url, np.zeros(0, ROW_DTYPE), None)
+        rows = _scan(reader, scan, hash_images)
     finally:
         reader.close()
-    return ShardScan(url, np.array(rows, dtype=ROW_DTYPE), truncated)
+    scan.rows = np.array(rows, dtype=ROW_DTYPE)
+    return scan
 
 
-def _scan(reader, url: str, hash_images: bool) -> tuple[list[tuple], str | None]:
+def _scan(reader, scan: ShardScan, hash_images: bool) -> list[tuple]:
     rows: list[tuple] = []
     key, parts = None, {}
-    truncated = None
+    seen = 0  # whole samples walked (indexed or skipped)
+
+    def take(key: str, parts: dict) -> None:
+        row = _row(reader, scan.url, key, parts, hash_images)
+        if isinstance(row, Reject):
+            scan.skipped.append(row)
+        else:
+            rows.append(row)
+
     try:
         for name, offset, size in _members(reader):
             base = name.rsplit("/", 1)[-1]
             member_key, _, ext = base.partition(".")
             if member_key != key:
                 if key is not None:
-                    rows.append(_row(reader, url, key, parts, hash_images))
+                    take(key, parts)
+                    seen += 1
                 key, parts = member_key, {}
             parts[ext] = (offset, size)
     except _Truncated as e:
-        truncated = str(e)
-    if key is not None and (truncated is None or all(c in parts for c in REQUIRED)):
-        rows.append(_row(reader, url, key, parts, hash_images))
-    return rows, truncated
+        scan.truncated = str(e)
+        cut = e.member.rsplit("/", 1)[-1].partition(".")[0] if e.member else None
+        if cut is not None and cut != key:  # the cut member starts a sample of its own
+            if key is not None and all(c in parts for c in required(parts)):
+                take(key, parts)
+                seen += 1
+            key, parts = cut, {}
+    if key is not None and (scan.truncated is None or all(c in parts for c in required(parts))):
+        take(key, parts)
+        seen += 1
+        key = None
+    if scan.truncated is not None:
+        scan.skipped += _lost(scan.url, seen, key)
+    return rows
 
 
-def _row(reader, url: str, key: str, parts: dict, hash_images: bool) -> tuple:
-    missing = [c for c in REQUIRED if c not in parts]
-    if missing:
-        raise BankError(f"{url}: sample {key} has no {', '.join(missing)} component: "
-                        f"not an instance shard (components {sorted(parts)})")
-    meta = json.loads(reader.read(*parts["json"]))
-    if meta.get("schema") != INSTANCE_SCHEMA:
-        raise BankError(f"{url}: sample {key} has schema {meta.get('schema')!r}, "
-                        f"expected {INSTANCE_SCHEMA!r}: not an instance shard")
-    (jpg_offset, jpg_size), (mask_offset, mask_size) = parts["jpg"], parts["mask.png"]
-    score = meta.get("clip_score")
-    dhash = dhash64(reader.read(jpg_offset, jpg_size)) if hash_images else 0
-    return (jpg_offset // BLOCK, jpg_size, mask_offset // BLOCK, mask_size, meta["category_id"],
-            meta["width"], meta["height"], math.nan if score is None else score, dhash)
+def _lost(url: str, seen: int, cut_key: str | None) -> list[Reject]:
+    """The samples a truncated shard lost: named by its DALI index, else the one cut (the
+    others, counted by the shard's stats, without a name)."""
+    keys, count = shards.lost_samples(url, seen, cut_key)
+    detail = "lost where the shard is cut short"
+    named = [Reject("sample", url, k, "truncated", detail) for k in keys]
+    unnamed = max(0, (count or 0) - len(keys))
+    return named + [Reject("sample", url, None, "truncated", detail + " (key unknown: no .idx)")] * unnamed
+
+
+def _row(reader, url: str, key: str, parts: dict, hash_images: bool) -> tuple | Reject:
+    """The index row of one sample, or why it is skipped."""
+    sizes = {ext: size for ext, (_, size) in parts.items()}
+    needs = required(parts)
+    problem = shards.check_components({"__key__": key, **sizes}, needs)
+    if problem is not None:
+        dotted_key = shards.sample_key({"__key__": key, **sizes}, needs)
+        return Reject("sample", url, dotted_key, *problem)
+    try:
+        meta = json.loads(reader.read(*parts["json"]))
+        schema = meta.get("schema")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        return Reject("sample", url, key, "unreadable_json", f"{type(e).__name__}: {e}")
+    if schema not in INSTANCE_SCHEMAS:
+        return Reject("sample", url, key, "wrong_schema", f"schema {schema!r}, expected {INSTANCE_SCHEMAS}")
+    (jpg_offset, jpg_size), (mask_offset, mask_size) = parts["jpg"], parts[needs[1]]
+    try:
+        score = meta.get("clip_score")
+        fields = (int(meta["category_id"]), int(meta["width"]), int(meta["height"]),
+                  math.nan if score is None else float(score))
+    except (KeyError, TypeError, ValueError) as e:
+        return Reject("sample", url, key, "bad_metadata", f"json: {type(e).__name__}: {e}")
+    try:
+        dhash = dhash64(reader.read(jpg_offset, jpg_size)) if hash_images else 0
+    except (OSError, ValueError, SyntaxError) as e:  # hashing decodes: the one place that can tell
+        return Reject("sample", url, key, "unreadable_image", f"jpg: {type(e).__name__}: {e}")
+    return (jpg_offset // BLOCK, jpg_size, mask_offset // BLOCK, mask_size, *fields, dhash)
 
 
 def _members(reader) -> Iterator[tuple[str, int, int]]:
@@ -111,7 +171,7 @@ def _members(reader) -> Iterator[tuple[str, int, int]]:
         size = int(pax.get("size", size))
         if data + size > end:
             raise _Truncated(f"member {name} at byte {offset} needs {size} bytes, "
-                             f"the file ends after {end - data}")
+                             f"the file ends after {end - data}", name)
         if kind == b"L":
             long_name = reader.read(data, size).rstrip(b"\0").decode()
         elif kind == b"x":

@@ -6,7 +6,8 @@ match no category are reported, not ingested. Files are taken in sorted order, s
 of a category is always the same file and a rerun resumes where it stopped (as long as the
 folder does not change between runs). Each image is re-encoded as RGB JPEG: EXIF rotation
 applied, transparency composited onto white (the plain background the extract stage expects),
-shrunk so the long side is at most `image_size`. Unreadable files are counted, never fatal.
+shrunk so the long side is at most `image_size`. Unreadable files (random bytes, empty, cut
+short, a link whose target is gone) are skipped and named, never fatal.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class FolderGenerator:
             if name is None:
                 self.unknown_folders.append(entry.name)
                 continue
-            found = [f.path for f in os.scandir(entry.path)
-                     if f.name.lower().endswith(EXTENSIONS) and f.is_file()]
+            found = [f.path for f in os.scandir(entry.path)  # a dangling link: listed, then named
+                     if f.name.lower().endswith(EXTENSIONS) and (f.is_file() or f.is_symlink())]
             self.files[name] = sorted(self.files.get(name, []) + found)
         if self.unknown_folders:
             warnings.warn(f"{root}: {len(self.unknown_folders)} folder(s) match no category and are "
@@ -85,10 +86,13 @@ class FolderGenerator:
         return {"root": self.root, "unknown_folders": self.unknown_folders,
                 "categories_without_images": self.empty_categories}
 
+    def source_of(self, item: WorkItem) -> str:
+        return self.files[item.category][item.index]
+
     def generate(self, items: list[WorkItem]) -> list[Generated | Failure]:
         results: list[Generated | Failure] = []
         for item in items:
-            path = self.files[item.category][item.index]
+            path = self.source_of(item)
             try:
                 rgb = load_rgb(path, self.max_side)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -18,9 +18,9 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from .. import formats, urls
-from ..config import ConfigError
-from ..shards import ShardWriter
+from .. import errors, formats, urls
+from ..config import ConfigError, check
+from ..shards import ShardWriter, check_output_pattern
 from . import procedural
 from .base import Failure, Generator, WorkItem
 from .folder import FolderConfig, FolderGenerator
@@ -60,15 +60,18 @@ class GenerateConfig:
             raise ValueError(f"image_size {self.image_size} must be a multiple of 8 for diffusers")
         if self.generator == "folder" and not os.path.isdir(self.folder.root):
             raise ValueError(f"generator 'folder' needs folder.root, a directory; got {self.folder.root!r}")
+        check_output_pattern(self.output)
 
     def check_models(self) -> None:
-        """The diffusers weights must be on this machine before any work starts."""
+        """The diffusers weights, and the device they run on, must be on this machine before
+        any work starts."""
         if self.generator == "diffusers":
             from .text2image import ModelLoadError, check_model_available
 
             try:
                 check_model_available(self.diffusers)
-            except ModelLoadError as e:
+                errors.check_device(self.diffusers.device, "diffusers.device")
+            except (ModelLoadError, ValueError) as e:
                 raise ConfigError(str(e)) from None
 
 
@@ -81,8 +84,9 @@ def load_category_list(path: str) -> list[tuple[int, str]]:
         return sorted((int(c["id"]), str(c["name"])) for c in cats)
     except FileNotFoundError:
         raise formats.FormatError(f"{path}: categories file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise formats.FormatError(f"{path}: no readable 'categories' list ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:  # not JSON (e.g. a shard), or no list in it
+        raise formats.FormatError(f"{path}: no readable 'categories' list "
+                                  f"({type(e).__name__}: {e})") from None
 
 
 def _categories(cfg: GenerateConfig) -> list[tuple[int, str]]:
@@ -119,7 +123,10 @@ def run_generate(cfg: GenerateConfig, progress: bool = True,
     """Generate up to `images_per_category` images for every category; returns shard totals.
 
     `generator` overrides the one the config names (benchmarks pass a prebuilt pipeline).
+    Everything that can be checked is checked before work: config, categories, and (when work
+    is left: a finished run needs no model) the model and its device.
     """
+    check(cfg, "generate")
     cats = _categories(cfg)
     gen = generator if generator is not None else make_generator(cfg, cats)
     per = cfg.images_per_category
@@ -127,19 +134,42 @@ def run_generate(cfg: GenerateConfig, progress: bool = True,
     writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize)
     start = writer.resume()
     done = sum(min(n, max(0, start - slot * per)) for slot, n in enumerate(counts))
+    if generator is None and done < sum(counts):
+        _check_model_before_work(cfg)
     with tqdm(total=sum(counts), initial=done, desc="generate", unit="img",
               disable=not progress) as bar:
         for batch in _batches(_work_items(cfg, cats, counts, start), gen.batch_size):
             for item, result in zip(batch, gen.generate(batch), strict=True):
+                key = formats.image_key(item.category_id, item.index)
                 if isinstance(result, Failure):
-                    writer.fail(item.position, result.reason, result.detail)
+                    writer.fail(item.position, result.reason, result.detail,
+                                source=_source(gen, item), key=key)
                     continue
                 height, width = result.rgb.shape[:2]
                 meta = {"category_id": item.category_id, "category": item.category,
                         "prompt": item.prompt, "seed": cfg.seed, "generator": gen.name,
                         "width": width, "height": height, **result.meta}
                 writer.add(item.position, formats.image_sample(
-                    formats.image_key(item.category_id, item.index),
-                    formats.encode_jpeg(result.rgb, cfg.jpeg_quality), **meta))
+                    key, formats.encode_jpeg(result.rgb, cfg.jpeg_quality), **meta))
             bar.update(len(batch))
-    return {**writer.close(), "generator": gen.name, **gen.report()}
+    summary = writer.close()
+    errors.record(writer.outcome("generate", summary))
+    return {**summary, "generator": gen.name, **gen.report()}
+
+
+def _check_model_before_work(cfg: GenerateConfig) -> None:
+    """ModelLoadError naming a model that is not here; ConfigError for a device that is not."""
+    if cfg.generator == "diffusers":
+        from .text2image import check_model_available
+
+        check_model_available(cfg.diffusers)
+        try:
+            errors.check_device(cfg.diffusers.device, "diffusers.device")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _source(gen: Generator, item: WorkItem) -> str:
+    """What a failed work item came from: the ingested file, or the generator and its prompt."""
+    source_of = getattr(gen, "source_of", None)
+    return source_of(item) if source_of is not None else f"{gen.name}: {item.prompt!r}"

@@ -1,4 +1,4 @@
-"""Stage 3: the DALI copy-paste loader (see loader.py for the data flow, DESIGN.md for the rules).
+"""Stage 3: the DALI copy-paste loader (see loader.py for the data flow, docs/LOADER.md for the design).
 
     from xpaste_stream.loader import CopyPasteLoader, PasteConfig
     loader = CopyPasteLoader(urls, bank_dir, PasteConfig(output_size=640), batch_size=16, device_id=0)

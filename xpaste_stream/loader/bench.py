@@ -23,28 +23,91 @@ def device_name(device_id: int | None) -> str:
 
 
 def measure_loader(background_urls, bank, paste: PasteConfig, batch_size: int, batches: int,
-                   device_id: int | None, num_threads: int, warmup: int = 2) -> dict:
+                   device_id: int | None, num_threads: int, warmup: int = 2,
+                   workers: int = 2) -> dict:
     """Images/s and pasted instances/s of the loader over `batches` batches after a warm-up;
     also images per CPU-second of the process (all threads): a per-core figure that holds when
     other processes share the cores. The warm-up includes filling the instance pool, if any."""
     loader = CopyPasteLoader(background_urls, bank, paste, batch_size=batch_size,
-                             device_id=device_id, num_threads=num_threads)
+                             device_id=device_id, num_threads=num_threads, workers=workers)
     images = pasted = 0
     started = None
     for n, batch in enumerate(_forever(loader)):
         if n == warmup:
             _sync(device_id)
-            started, cpu_started = time.perf_counter(), time.process_time()
+            started, cpu_started = time.perf_counter(), process_tree_cpu()
         elif n > warmup:
             images += len(batch.targets)
             pasted += int(batch.plan.active[:len(batch.targets)].sum())
         if n == warmup + batches:
             break
     _sync(device_id)
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    seconds, cpu_seconds = time.perf_counter() - started, process_tree_cpu() - cpu_started
+    loader.close()
     return {"images_per_s": images / seconds, "instances_per_s": pasted / seconds,
             "images_per_cpu_s": images / cpu_seconds, "images": images, "seconds": seconds,
             "cpu_seconds": cpu_seconds, "stats": loader.stats()}
+
+
+def measure_feed(background_urls, bank, paste: PasteConfig, batch_size: int, batches: int,
+                 workers: int, warmup: int = 2, categories: str | None = None) -> dict:
+    """The host feed alone: everything the loader does on the CPU per image when compositing
+    runs on the GPU (read, check, parse, plan, fetch instance bytes, decode alphas, unpack real
+    masks), through the same DALI parallel external source and worker processes, with the
+    compositing graph left out. `cpu_seconds` counts the worker processes too."""
+    from nvidia.dali import fn, pipeline_def
+
+    loader = CopyPasteLoader(background_urls, bank, paste, batch_size=batch_size,
+                             workers=workers, categories=categories)
+    source = loader.source.with_device_alpha(True)  # the host work of GPU mode
+    total = batch_size * (warmup + batches)
+    source.set_run(0, 0, batch_size, 0, 1, total)
+    # (a run longer than the epoch reads on: positions past its end wrap to its start)
+
+    @pipeline_def
+    def feed():
+        outs = fn.external_source(source=source, num_outputs=len(source.names),
+                                  batch=False, parallel=workers > 0)
+        return tuple(outs)
+
+    pipe = feed(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=2,
+                py_num_workers=max(1, workers), py_start_method="fork")
+    if workers:
+        pipe.start_py_workers()
+    pipe.build()
+    for _ in range(warmup):
+        pipe.run()
+    started, cpu0 = time.perf_counter(), process_tree_cpu()
+    for _ in range(batches):
+        pipe.run()
+    seconds, cpu_seconds = time.perf_counter() - started, process_tree_cpu() - cpu0
+    pipe._shutdown()
+    loader.close()
+    images = batch_size * batches
+    return {"images_per_s": images / seconds, "images_per_cpu_s": images / cpu_seconds,
+            "images": images, "seconds": seconds, "cpu_seconds": cpu_seconds, "workers": workers}
+
+
+def process_tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and its live descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            own = (int(fields[11]) + int(fields[12])) / tick
+            kids = []
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
+            return own + sum(of(k) for k in kids)
+        except (FileNotFoundError, ProcessLookupError):
+            return 0.0
+
+    if not os.path.exists("/proc/self/stat"):
+        return time.process_time()
+    return of(os.getpid())
 
 
 def measure_decode_only(background_urls, batch_size: int, batches: int, device_id: int | None,

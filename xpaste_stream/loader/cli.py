@@ -23,13 +23,8 @@ def register(subparsers) -> None:
     demo.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     demo.add_argument("--blending", choices=["hard", "alpha", "gaussian"], default="hard")
     demo.add_argument("--seed", type=int, default=0)
-    # A short demo pastes about as many instances as a pool would decode to fill itself:
-    # measured on 2 cores at 512, 39-42 images/s on demand vs 35-37 with a 1024 pool.
-    demo.add_argument("--pool", type=int, default=0,
-                      help="decoded instances kept in a pool (pays off on long runs; "
-                           "see loader/pool.py); 0: decode on demand")
-    demo.add_argument("--pool-refresh", type=float, default=0.25,
-                      help="fraction of a batch's pastes replaced by fresh draws in the pool")
+    demo.add_argument("--workers", type=int, default=2,
+                      help="worker processes running the sample function (0: none)")
     demo.set_defaults(func=run_demo)
 
     bench = subparsers.add_parser("bench", help="throughput benchmarks")
@@ -47,7 +42,12 @@ def register(subparsers) -> None:
     loader.add_argument("--batch-size", type=int, default=16)
     loader.add_argument("--device", type=int, default=None, help="GPU id; CPU when omitted")
     loader.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    loader.add_argument("--out", default="benchmarks/results")
+    loader.add_argument("--workers", type=int, default=2,
+                        help="worker processes running the sample function")
+    loader.add_argument("--feed-only", action="store_true",
+                        help="measure only the host feed (everything but the compositing graph)")
+    loader.add_argument("--out", default="benchmarks/results",
+                        help="a folder (file name from the device) or a .json file")
     loader.set_defaults(func=run_bench)
 
 
@@ -65,11 +65,10 @@ def run_demo(args) -> int:
     from .preview import save_grid
 
     data = demo_data(args.workdir, args.seed)
-    paste = PasteConfig(output_size=args.size, blending=args.blending, instance_pool=args.pool,
-                        instance_pool_refresh=args.pool_refresh)
+    paste = PasteConfig(output_size=args.size, blending=args.blending)
     loader = CopyPasteLoader(data["backgrounds"], data["bank"], paste, categories=data["categories"],
                              batch_size=args.batch_size, device_id=args.device,
-                             num_threads=args.threads, seed=args.seed)
+                             num_threads=args.threads, workers=args.workers, seed=args.seed)
     names = {c["id"]: c["name"] for c in loader.categories_doc["categories"]}
     first, images, pasted = None, 0, 0
     started = time.perf_counter()
@@ -87,9 +86,10 @@ def run_demo(args) -> int:
     save_grid(first, names, grid)
     stats = {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 2),
              "pasted_instances_per_s": round(pasted / seconds, 2), "output_size": args.size,
-             "instance_pool": args.pool, "instance_pool_refresh": args.pool_refresh,
+             "workers": args.workers,
              "device": "cpu" if args.device is None else f"cuda:{args.device}",
              "counters": loader.stats(), "grid": grid}
+    loader.close()
     with open(os.path.join(args.workdir, "demo-stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
     print(f"{images} images in {seconds:.1f} s: {stats['images_per_s']} images/s, "
@@ -99,7 +99,7 @@ def run_demo(args) -> int:
 
 
 def run_bench(args) -> int:
-    from .bench import device_name, measure_decode_only, measure_loader
+    from .bench import device_name, measure_decode_only, measure_feed, measure_loader
 
     if args.backgrounds and args.bank:
         backgrounds, bank = args.backgrounds, args.bank
@@ -107,20 +107,33 @@ def run_bench(args) -> int:
         data = demo_data(args.workdir)
         backgrounds, bank = data["backgrounds"], data["bank"]
     paste = PasteConfig(output_size=args.size)
-    loader = measure_loader(backgrounds, bank, paste, args.batch_size, args.batches, args.device,
-                            args.threads)
-    ceiling = measure_decode_only(backgrounds, args.batch_size, args.batches, args.device, args.threads)
-    device = device_name(args.device)
+    device = "cpu" if args.feed_only else device_name(args.device)
+    settings = {"output_size": args.size, "pastes": f"U{{0..{paste.max_pastes}}}",
+                "batch_size": args.batch_size, "batches": args.batches, "workers": args.workers,
+                "threads": args.threads, "blending": paste.blending, "backgrounds": backgrounds}
     result = {"device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "settings": {"output_size": args.size, "pastes": f"U{{0..{paste.max_pastes}}}",
-                           "batch_size": args.batch_size, "batches": args.batches,
-                           "threads": args.threads, "blending": paste.blending},
-              "figures": {"loader": loader, "decode_only": ceiling},
-              "ratios": {"loader_vs_decode_only": loader["images_per_s"] / ceiling["images_per_s"]}}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"loader-vs-decode-{device}.json")
+              "settings": settings}
+    if args.feed_only:
+        feed = measure_feed(backgrounds, bank, paste, args.batch_size, args.batches, args.workers)
+        result.update(feed)
+        name, line = "loader-feed", (f"host feed {feed['images_per_s']:.1f} images/s with "
+                                     f"{args.workers} workers, {feed['images_per_cpu_s']:.1f} "
+                                     "images per CPU-second")
+    else:
+        loader = measure_loader(backgrounds, bank, paste, args.batch_size, args.batches,
+                                args.device, args.threads, workers=args.workers)
+        ceiling = measure_decode_only(backgrounds, args.batch_size, args.batches, args.device,
+                                      args.threads)
+        ratio = loader["images_per_s"] / ceiling["images_per_s"]
+        result.update(figures={"loader": loader, "decode_only": ceiling},
+                      ratios={"loader_vs_decode_only": ratio})
+        name, line = "loader-vs-decode", (f"loader {loader['images_per_s']:.1f} images/s, "
+                                          f"decode-only {ceiling['images_per_s']:.1f} images/s, "
+                                          f"ratio {ratio:.2f}")
+    path = args.out if args.out.endswith(".json") else \
+        os.path.join(args.out, f"{name}-{args.size}-{device}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"loader {loader['images_per_s']:.1f} images/s, decode-only {ceiling['images_per_s']:.1f} "
-          f"images/s, ratio {result['ratios']['loader_vs_decode_only']:.2f} -> {path}")
+        json.dump(result, f, indent=1, default=str)
+    print(f"{line} -> {path}")
     return 0

@@ -1,4 +1,4 @@
-"""Loader settings. Defaults reproduce the original X-Paste pasting recipe (docs: DESIGN.md).
+"""Loader settings. Defaults reproduce the original X-Paste pasting recipe (docs/LOADER.md).
 
 Both dataclasses are filled from TOML through `xpaste_stream.config.from_dict`, so they use
 plain types only; `validate()` rejects values that would make a batch meaningless.
@@ -39,11 +39,6 @@ class PasteConfig:
     keep_max_box_shift: float = 10.0                # keep an occluded object if its box moved <= this
     keep_min_area: int = 300                        # ... or more than this many mask pixels remain
     drop_crowd: bool = True                         # iscrowd annotations are not training targets
-    # Pool of decoded instances (pool.py): 0 decodes every paste on demand; P > 0 keeps P decoded
-    # instances (~P x 0.3 MB host memory at ~270 px), pastes pick entries uniformly, and each
-    # batch replaces round(refresh x its pastes) random entries with fresh sampler draws.
-    instance_pool: int = 0
-    instance_pool_refresh: float = 0.25
 
     def validate(self) -> None:
         if not 8 <= self.output_size <= 8192:
@@ -76,11 +71,6 @@ class PasteConfig:
             raise ValueError(f"mask_threshold {self.mask_threshold} must be in [1, 255]")
         if self.keep_max_box_shift < 0 or self.keep_min_area < 0:
             raise ValueError("keep_max_box_shift and keep_min_area must be >= 0")
-        if self.instance_pool < 0:
-            raise ValueError(f"instance_pool {self.instance_pool} must be >= 0 (0: no pool)")
-        if not 0 < self.instance_pool_refresh <= 1:
-            raise ValueError(f"instance_pool_refresh {self.instance_pool_refresh} must be in (0, 1]: "
-                             "the fraction of a batch's pastes replaced by fresh draws")
 
     @property
     def slots(self) -> int:
@@ -90,19 +80,25 @@ class PasteConfig:
 
 @dataclass
 class LoaderConfig:
-    """How batches are produced: sizes, threads, shuffling, debugging."""
+    """How batches are produced: sizes, workers, order, debugging. None of these but `seed`,
+    `shuffle`, `background_sampling` and `drop_last` changes what a sample holds (order.py)."""
 
     batch_size: int = 16
+    # worker processes running the sample function (DALI parallel external source); 0 runs it
+    # in the pipeline's own thread. Measured on 2 cores (bench loader --feed-only): 1 -> 2
+    # workers scales the host feed ~1.9x; give a GPU host's spare cores to it.
+    workers: int = 2
+    worker_start: Literal["auto", "fork", "spawn"] = "auto"  # auto: fork unless CUDA is live
     num_threads: int = 4                # DALI worker threads per pipeline
-    prefetch: int = 2                   # batches planned / composited ahead of the training step
-    shuffle: bool = True                # shuffle backgrounds within a buffer of `shuffle_buffer`
-    shuffle_buffer: int = 1024
+    prefetch: int = 2                   # batches prepared ahead of the training step
+    shuffle: bool = True                # permute each epoch's order by (seed, epoch)
     # backgrounds per epoch: each once ("uniform"), or floor(r) + Bernoulli(frac r) times with
     # r the LVIS image repeat factor pack-coco stored (the original's RepeatFactorTrainingSampler)
     background_sampling: Literal["uniform", "repeat_factor"] = "repeat_factor"
+    drop_last: bool = False             # False: the last global batch wraps to the epoch's start
     seed: int = 0
     debug: bool = False                 # also return the LSJ'd background and resized instances
-    instance_retries: int = 4           # redraws for an instance whose bytes are corrupt
+    instance_retries: int = 4           # redraws for an instance whose bytes are damaged
     # torch threads while the loader builds targets on the CPU (restored after each batch);
     # 0 leaves torch's setting alone. DALI's threads already keep the cores busy; more OpenMP
     # threads competing with them cost more than they gain (2 cores: 36.8 -> 42.7 images/s).
@@ -111,12 +107,17 @@ class LoaderConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size} must be >= 1")
+        if self.workers < 0:
+            raise ValueError(f"workers {self.workers} must be >= 0 (0: no worker processes)")
+        if self.worker_start not in ("auto", "fork", "spawn"):
+            raise ValueError(f"worker_start {self.worker_start!r}: use 'auto', 'fork' or 'spawn'")
         if self.num_threads < 1:
             raise ValueError(f"num_threads {self.num_threads} must be >= 1")
         if self.prefetch < 1:
             raise ValueError(f"prefetch {self.prefetch} must be >= 1")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer {self.shuffle_buffer} must be >= 1")
+        if self.background_sampling not in ("uniform", "repeat_factor"):
+            raise ValueError(f"background_sampling {self.background_sampling!r}: use 'uniform' "
+                             "or 'repeat_factor'")
         if self.instance_retries < 0:
             raise ValueError(f"instance_retries {self.instance_retries} must be >= 0")
         if self.torch_threads < 0:

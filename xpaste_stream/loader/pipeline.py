@@ -1,40 +1,42 @@
 """The DALI compositing pipeline: one definition for GPU (device_id set) and CPU (device_id None).
 
 Data flow, top to bottom in `copy_paste_pipeline`:
-  plan + bytes + geometry (external source, one batch from the CPU planner)
-  -> background: decode -> LSJ (one ROI resize of the part in the window, flip included)
-     -> S x S window, zero padded, with a 4th, zero channel: this RGBI canvas carries the
-     image and the id map (0: no paste yet)
+  one sample's inputs (external source: `sample.SampleSource`, called per sample by DALI in
+  worker processes, `LoaderConfig.workers`; the inputs are declared once, `input_names`)
+  -> background: decode (nvJPEG on GPU) -> LSJ (one ROI resize of the part in the window,
+     flip included) -> S x S window, zero padded, with a 4th, zero channel: this RGBI canvas
+     carries the image and the id map (0: no paste yet)
   -> K paste slots in paste order; a slot that lands on the image (per-sample condition):
-     decode RGB + alpha (with the instance pool, `PasteConfig.instance_pool`, the slot input is
-     the decoded RGBA instance instead, and there is nothing to decode; see pool.py)
-     -> resize to the planned size -> flip -> hard mask (alpha >= threshold)
-     -> crop (R, G, B, id = k + 1 on the hard mask) blended over the window of the canvas it
-        covers, box-locally -> `fn.multi_paste` writes canvas + blended window to a new canvas
-     and the canvas rows / columns its hard mask covers (its placed box, 2 x S bytes)
+     decode the JPEG (nvJPEG on GPU) + the alpha (raw from the worker; on GPU its LZ4 block,
+     inflated on the device) -> resize to the planned size -> flip -> hard mask
+     (alpha >= threshold) -> crop (R, G, B, id = k + 1 on the hard mask) blended over the
+     window of the canvas it covers, box-locally -> `fn.multi_paste` writes canvas + blended
+     window to a new canvas, and the canvas rows / columns its hard mask covers (2 x S bytes)
   -> outputs: the image (3, S, S) uint8, the id map (S, S) uint8 (1 + slot of the last paste
-     covering each pixel) and the placed rows / columns (K, 2, S) uint8; torch builds the
-     occlusion-aware targets from them on the same device (see targets.py).
+     covering each pixel), the placed rows / columns (K, 2, S) uint8, and the worker's
+     pass-through arrays (real objects as box crops, on the device on GPU; plan; counters);
+     torch builds the occlusion-aware targets from them on the same device (targets.py).
 
-Why this shape (the pipeline alone, 2 CPU cores, 640, U{0..19} pastes, images/s):
+Why this shape (the pipeline alone, 2 CPU cores, 640, U{0..19} pastes, images/s; v1 figures):
 - Every per-slot operation is the size of the slot's box; the only full-canvas work per paste
-  is the copy inside `multi_paste` (a memcpy). The first version put every slot on its own
-  S x S canvas and blended there (K x several full-canvas passes, K full masks sent to torch):
-  7 images/s; this one 35 with the same resizes, 41 with the ROI LSJ and cheaper resize below.
-- Layers of non-overlapping boxes (one `multi_paste` of a layer's crops onto a zero canvas, then
-  one full-canvas blend per layer, ~3 layers for 9 pastes) were measured too: 31. A full-canvas
-  blend costs several passes (each DALI arithmetic node is its own pass), more than the canvas
-  copies it saves, and slot by slot needs no layer planning.
+  is the copy inside `multi_paste` (a memcpy). Every slot on its own S x S canvas: 7 images/s;
+  box-local: 35; with the ROI LSJ and cheaper resize below: 41.
+- Layers of non-overlapping boxes (one `multi_paste` + one full-canvas blend per layer) were
+  measured too: 31. Each DALI arithmetic node is its own full-canvas pass.
 - The graph is static with K slots; the per-sample condition skips empty slots and crops
-  entirely off the canvas, so their decoding and pasting cost nothing (41 vs 38 without it;
-  100 vs 41 for images without pastes). What a paste costs now is mostly decoding its JPEG and
-  PNG (~0.9 ms of CPU per instance in DALI); the condition's split / merge adds ~0.4 ms per slot.
-- With the instance pool the slots get decoded RGBA arrays and decode nothing; the pool decodes
-  (OpenCV, in the planner thread) only the entries it refreshes, ~1 / 4 of the pastes by default.
-  CPU of the pipeline alone, one thread, 640, batch 8, ms per image: 25.2 decoding on demand,
-  20.7 with the pool (of which ~11 are the ~8.8 pastes, ~1.3 ms each: resize, mask, blend,
-  `multi_paste`, the slot's split / merge); 9.6 with all 19 slots empty (0.1 ms per empty slot),
-  7.8 with one empty slot (background decode + LSJ).
+  entirely off the canvas (41 vs 38 without it; 100 vs 41 for images without pastes).
+- Loader v2 moved the alpha out of PNG: instance shards (schema /2) store it as one LZ4 block
+  of raw bytes, which the GPU inflates (`fn.decoders.inflate`, nvCOMP) and the worker in
+  ~8 us (PNG: ~156 us for a 270 x 270 mask, CPU only, and a damaged PNG ended the pipeline).
+  The worker also checks every encoded image's structure (sources.py). So the graph holds K
+  JPEG decoders and no PNG decoder (v1: 2K + 1 decoders, K PNG decoders on the CPU even in
+  GPU mode). What stays on the host in GPU mode is nvJPEG's own Huffman decoding of small
+  images: DALI documents that images under `hybrid_huffman_threshold` pixels (default 1M) are
+  Huffman-decoded on the host and that its hybrid decoder "still largely uses the CPU"; only
+  A100/H100's hardware decoder (`hw_decoder_load`) takes it off the host. One decoder call
+  for all of a batch's instances (a second pipeline of batch B x K) is not built: DALI
+  operators combine samples of one batch only, so its outputs would have to be re-batched per
+  slot on the device; to weigh on a GPU.
 - Hard blending is an exact select in wrapping uint8 (window + m * (crop - window) is the crop
   where m = 1, the window where m = 0); the id channel is blended with the same m, so "later
   paste wins" is the same select. Alpha / gaussian blending keep the reference's float "over"
@@ -53,24 +55,38 @@ from nvidia.dali import fn, pipeline_def, types
 
 from .config import PasteConfig
 
-# Order of the external source outputs; `CopyPasteLoader._pipeline_inputs` builds each batch.
+# The inputs, declared once: the sample function (sample.py) returns one array per name, in
+# this order. Background: the encoded bytes and its LSJ as one ROI resize (plan.lsj_window).
 BACKGROUND_INPUTS = ("bg_bytes", "lsj_roi_start", "lsj_roi_end", "lsj_out_size", "lsj_pad_start")
 # Per slot k (arrays of K rows per image): `slot_size` (h, w) float, `slot_flip` and
 # `slot_pos` (top-left on the canvas) of the resized instance; `on_canvas` 0/1; `crop_start` /
 # `crop_shape`: where the crop (the instance, plus the blur margin for gaussian edges) sits on
 # the canvas; `in_anchors`, `out_anchors`, `paste_shapes` (2, 2): the two `multi_paste`
-# regions, the whole canvas and the crop's on-canvas part.
+# regions, the whole canvas and the crop's on-canvas part. On a GPU also `alpha_shape`
+# (h, w, 1): what the device inflates each slot's LZ4 alpha block to.
 SLOT_INPUTS = ("slot_size", "slot_flip", "slot_pos", "on_canvas", "crop_start", "crop_shape",
                "in_anchors", "out_anchors", "paste_shapes")
+# Passed through the graph unchanged, so that what a worker made reaches the training thread
+# with its batch: the real objects (mask boxes [y0, x0, h, w], the masks' bits crop after crop,
+# category ids), the plan (sample.PLAN_HEAD + 7 K integers), skip counters and named skips.
+PASSTHROUGH = ("real_boxes", "real_bits", "real_labels", "plan_row", "counts", "skipped")
+TO_DEVICE = ("real_boxes", "real_bits")  # copied to the GPU by DALI, with the batch
 
 
-def input_names(slots: int, decoded: bool = False) -> list[str]:
-    """Per slot either the encoded JPEG + PNG (`jpg{k}`, `mask{k}`) or, with the instance
-    pool, the decoded RGBA HWC uint8 instance (`rgba{k}`)."""
-    if decoded:
-        return [*BACKGROUND_INPUTS, *SLOT_INPUTS] + [f"rgba{k}" for k in range(slots)]
-    return ([*BACKGROUND_INPUTS, *SLOT_INPUTS] + [f"jpg{k}" for k in range(slots)]
-            + [f"mask{k}" for k in range(slots)])
+def graph_input_names(slots: int, gpu: bool = False) -> list[str]:
+    """Background and slot geometry, then per slot the instance's JPEG bytes (`jpg{k}`) and
+    its alpha (`alpha{k}`): on the CPU raw (h, w, 1) uint8 from the worker, on a GPU the LZ4
+    block the device inflates."""
+    return ([*BACKGROUND_INPUTS, *SLOT_INPUTS] + (["alpha_shape"] if gpu else [])
+            + [f"jpg{k}" for k in range(slots)] + [f"alpha{k}" for k in range(slots)])
+
+
+def passthrough_names() -> list[str]:
+    return list(PASSTHROUGH)
+
+
+def input_names(slots: int, gpu: bool = False) -> list[str]:
+    return graph_input_names(slots, gpu) + passthrough_names()
 
 
 def crop_padding(paste: PasteConfig) -> int:
@@ -79,18 +95,19 @@ def crop_padding(paste: PasteConfig) -> int:
 
 
 @pipeline_def(enable_conditionals=True)
-def copy_paste_pipeline(source, paste: PasteConfig, gpu: bool, debug: bool = False):
-    """Composite one planned batch; `source` is a callable returning the inputs of
-    `input_names(K)` as lists of per-sample arrays."""
+def copy_paste_pipeline(source, paste: PasteConfig, gpu: bool, workers: int, debug: bool = False,
+                        bytes_per_sample: int = 1 << 20):
+    """Composite one batch; `source(SampleInfo)` returns one sample's inputs in the order of
+    `input_names(K)` (sample.SampleSource). With `workers` > 0 DALI calls it in that many
+    worker processes (parallel external source), otherwise in the pipeline's thread."""
     k_slots, size = paste.slots, paste.output_size
     device = "gpu" if gpu else "cpu"
-    decoded = paste.instance_pool > 0  # graph-build-time branch: slots get decoded RGBA
-    names = input_names(k_slots, decoded)
-    outputs = fn.external_source(source=source, num_outputs=len(names), batch=True,
-                                 layout=["HWC" if n.startswith("rgba") else "" for n in names])
+    names = input_names(k_slots, gpu)
+    parallel = {"parallel": True, "bytes_per_sample_hint": bytes_per_sample} if workers else {}
+    outputs = fn.external_source(source=source, num_outputs=len(names), batch=False,
+                                 layout=["HWC" if n.startswith("alpha") and n != "alpha_shape"
+                                         and not gpu else "" for n in names], **parallel)
     inputs = {name: outputs[i] for i, name in enumerate(names)}
-    if decoded and gpu:  # host arrays copied to the GPU once; slots then work on the GPU
-        inputs.update({f"rgba{k}": inputs[f"rgba{k}"].gpu() for k in range(k_slots)})
 
     canvas = fn.decoders.image(inputs["bg_bytes"], device="mixed" if gpu else "cpu",
                                output_type=types.RGB)
@@ -107,8 +124,8 @@ def copy_paste_pipeline(source, paste: PasteConfig, gpu: bool, debug: bool = Fal
     instances, extents = [], []
     for k in range(k_slots):
         if inputs["on_canvas"][k] > 0:
-            rgba = (inputs[f"rgba{k}"] if decoded else
-                    decode_instance(inputs[f"jpg{k}"], inputs[f"mask{k}"], gpu))
+            rgba = decode_instance(inputs[f"jpg{k}"], inputs[f"alpha{k}"],
+                                   inputs["alpha_shape"][k] if gpu else None, gpu)
             rgba = fn.resize(rgba, resize_y=inputs["slot_size"][k, 0],
                              resize_x=inputs["slot_size"][k, 1], interp_type=types.INTERP_LINEAR,
                              antialias=False)
@@ -127,9 +144,10 @@ def copy_paste_pipeline(source, paste: PasteConfig, gpu: bool, debug: bool = Fal
     canvas = fn.transpose(canvas, perm=[2, 0, 1])
     image, ids = canvas[0:3], canvas[3]
     extents = fn.stack(*extents, axis=0)
+    passed = [inputs[n].gpu() if gpu and n in TO_DEVICE else inputs[n] for n in PASSTHROUGH]
     if debug:
-        return (image, ids, extents, background, *instances)
-    return image, ids, extents
+        return (image, ids, extents, *passed, background, *instances)
+    return (image, ids, extents, *passed)
 
 
 def large_scale_jitter(image, roi_start, roi_end, out_size, pad_start, size: int):
@@ -142,12 +160,15 @@ def large_scale_jitter(image, roi_start, roi_end, out_size, pad_start, size: int
                     out_of_bounds_policy="pad", fill_values=0)
 
 
-def decode_instance(jpg, mask_png, gpu: bool):
-    """RGB from the JPEG (nvJPEG on GPU) plus the PNG alpha as a 4th channel."""
-    device = "mixed" if gpu else "cpu"
-    rgb = fn.decoders.image(jpg, device=device, output_type=types.RGB)
-    alpha = fn.decoders.image(mask_png, device=device, output_type=types.GRAY)
-    return fn.cat(rgb, alpha, axis=2)
+def decode_instance(jpg, alpha, alpha_shape, gpu: bool):
+    """RGB from the JPEG (nvJPEG on GPU) plus the alpha as a 4th channel: on a GPU inflated
+    from its LZ4 block on the device, on the CPU as the worker decoded it."""
+    if gpu:
+        rgb = fn.decoders.image(jpg, device="mixed", output_type=types.RGB)
+        alpha = fn.decoders.inflate(alpha.gpu(), shape=alpha_shape, dtype=types.UINT8,
+                                    layout="HWC")
+        return fn.cat(rgb, alpha, axis=2)
+    return fn.cat(fn.decoders.image(jpg, device="cpu", output_type=types.RGB), alpha, axis=2)
 
 
 def slot_crop(rgba, hard, slot_id: int, crop_shape, paste: PasteConfig):

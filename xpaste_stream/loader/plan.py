@@ -66,43 +66,46 @@ class CategoryStats:
 
 
 class Planner:
-    """Draws plans: LSJ per background, then which instances go where, in paste order."""
+    """Draws plans: LSJ per background, then which instances go where, in paste order. Holds
+    no random state: every draw comes from the generator passed in (one per sample, seeded by
+    (seed, epoch, position); see sample.py)."""
 
-    def __init__(self, paste: PasteConfig, stats: CategoryStats, seed: int, rank: int):
+    def __init__(self, paste: PasteConfig, stats: CategoryStats):
         self.paste = paste
         self.stats = stats
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, rank, 0x9A57E]))
 
-    def draw_lsj(self, image_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def draw_lsj(self, image_sizes: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lsj_size, lsj_offset, lsj_flip) for backgrounds of the given (h, w)."""
         s = self.paste.output_size
         lo, hi = self.paste.scale_range
         n = len(image_sizes)
         hw = image_sizes.astype(np.float64)
-        scale = self.rng.uniform(lo, hi, n)
+        scale = rng.uniform(lo, hi, n)
         factor = np.minimum(s * scale / hw[:, 0], s * scale / hw[:, 1])
         size = np.maximum(1, np.round(hw * factor[:, None])).astype(np.int32)
         room = np.maximum(0, size - s)
-        offset = np.floor(self.rng.random((n, 2)) * (room + 1)).astype(np.int32)
-        flip = self.rng.random(n) < self.paste.hflip_prob
+        offset = np.floor(rng.random((n, 2)) * (room + 1)).astype(np.int32)
+        flip = rng.random(n) < self.paste.hflip_prob
         return size, offset, flip
 
-    def draw_counts(self, batch: int) -> np.ndarray:
-        return self.rng.integers(self.paste.min_pastes, self.paste.max_pastes + 1, batch)
+    def draw_counts(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.integers(self.paste.min_pastes, self.paste.max_pastes + 1, batch)
 
     def place(self, counts: np.ndarray, ids: np.ndarray, labels: np.ndarray,
-              inst_w: np.ndarray, inst_h: np.ndarray) -> dict[str, np.ndarray]:
+              inst_w: np.ndarray, inst_h: np.ndarray, rng: np.random.Generator
+              ) -> dict[str, np.ndarray]:
         """Sizes, positions and flips for `ids` (image 0's pastes first, each in paste order)."""
         p, s = self.paste, self.paste.output_size
         n = len(ids)
         mean, std = self.stats.lookup(labels)
-        ratio = np.clip(self.rng.normal(mean, std), p.min_size_px / s, p.max_size_ratio)
-        aspect = inst_w / np.maximum(inst_h, 1) * self.rng.uniform(*p.aspect_jitter, n)
+        ratio = np.clip(rng.normal(mean, std), p.min_size_px / s, p.max_size_ratio)
+        aspect = inst_w / np.maximum(inst_h, 1) * rng.uniform(*p.aspect_jitter, n)
         h = np.round(ratio * s / np.sqrt(aspect)).astype(np.int32)
         w = np.round(ratio * s * np.sqrt(aspect)).astype(np.int32)
-        centre = self.rng.integers(0, s, (n, 2))
+        centre = rng.integers(0, s, (n, 2))
         pos = (centre - np.stack([h, w], 1) // 2).astype(np.int32)
-        flip = self.rng.random(n) < p.instance_hflip_prob
+        flip = rng.random(n) < p.instance_hflip_prob
         big_enough = np.minimum(h, w) >= p.min_side_px
         return {"size": np.stack([h, w], 1), "pos": pos, "flip": flip, "ok": big_enough}
 

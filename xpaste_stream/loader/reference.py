@@ -5,9 +5,12 @@ each paste every earlier object's mask (real or pasted) is cleared under the new
 recomputed from the mask, and it is dropped unless its box moved at most `keep_max_box_shift`
 px from where it was placed or more than `keep_min_area` pixels remain.
 
-Inputs are what the loader's debug outputs give: the LSJ'd background and real masks, and each
-paste's resized, flipped RGBA crop with its top-left position. Resampling is thus out of the
-comparison; placement, blending, occlusion, boxes and the keep rule are in it.
+Two ways in. `composite` takes placed inputs: the LSJ'd background and real masks and each
+paste's resized, flipped RGBA crop with its position; fed with the loader's debug outputs it
+checks placement, blending, occlusion, boxes and the keep rule exactly. `independent_inputs`
+makes those inputs itself from the raw shard sample and the bank's encoded instances (its own
+decode, LSJ, full-resolution RLE masks, bilinear resize, flips), following only the plan: a
+flip on the wrong axis or a shifted window in the pipeline shows up against it.
 """
 
 from __future__ import annotations
@@ -96,3 +99,87 @@ def pastes_of(batch, i: int) -> list[Paste]:
     plan, crops = batch.plan, batch.debug["crops"]
     return [Paste(crops[k][i], int(plan.pos[i, k, 0]), int(plan.pos[i, k, 1]), int(plan.labels[i, k]))
             for k in range(plan.ids.shape[1]) if plan.ids[i, k] >= 0]
+
+
+# --- independent inputs: LSJ, instance resize and flips from the raw data, in numpy ------------
+
+
+def bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize without antialiasing, pixel centres aligned (what the loader asks DALI
+    for, and what cv2.INTER_LINEAR does), rounded to uint8; written out in numpy."""
+    ih, iw = image.shape[:2]
+
+    def axis(n_out: int, n_in: int):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(np.int64)
+        return lo, np.minimum(lo + 1, n_in - 1), (src - lo).astype(np.float32)
+
+    y0, y1, wy = axis(out_h, ih)
+    x0, x1, wx = axis(out_w, iw)
+    img = image.astype(np.float32)
+    top = img[y0][:, x0] * (1 - wx)[None, :, None] + img[y0][:, x1] * wx[None, :, None]
+    bottom = img[y1][:, x0] * (1 - wx)[None, :, None] + img[y1][:, x1] * wx[None, :, None]
+    out = top * (1 - wy)[:, None, None] + bottom * wy[:, None, None]
+    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+def lsj_image(image: np.ndarray, lsj_size, lsj_offset, flip: bool, size: int) -> np.ndarray:
+    """Resize to `lsj_size` (area averaging when shrinking, as an antialiased resize does),
+    cut the S x S window at `lsj_offset` (zero padded), flip it if asked."""
+    import cv2
+
+    (nh, nw), (y0, x0) = (int(v) for v in lsj_size), (int(v) for v in lsj_offset)
+    shrink = nh < image.shape[0]
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    out = np.zeros((size, size) + image.shape[2:], image.dtype)
+    part = resized[y0:y0 + size, x0:x0 + size]
+    out[:part.shape[0], :part.shape[1]] = part
+    return out[:, ::-1].copy() if flip else out
+
+
+def lsj_mask(mask: np.ndarray, lsj_size, lsj_offset, flip: bool, size: int) -> np.ndarray:
+    """Nearest-neighbour LSJ of a full-resolution mask: output pixel (r, c) of the window takes
+    the source pixel under its centre, floor((y0 + r + 0.5) h / nh)."""
+    (h, w), (nh, nw), (y0, x0) = mask.shape, (int(v) for v in lsj_size), (int(v) for v in lsj_offset)
+    rows = np.arange(y0, min(nh, y0 + size))
+    cols = np.arange(x0, min(nw, x0 + size))
+    src_r = np.minimum(((rows + 0.5) * h / nh).astype(np.int64), h - 1)
+    src_c = np.minimum(((cols + 0.5) * w / nw).astype(np.int64), w - 1)
+    out = np.zeros((size, size), np.uint8)
+    out[:len(rows), :len(cols)] = mask[src_r][:, src_c]
+    return out[:, ::-1].copy() if flip else out
+
+
+def independent_inputs(sample: dict, plan, i: int, bank, paste: PasteConfig):
+    """(background, real masks, real labels, pastes) of image i of a batch, made from the raw
+    background sample (as read from its tar: image bytes, json, ann.zst with full RLE) and the
+    bank's encoded instances, following only the plan: nothing from the pipeline."""
+    import cv2
+
+    from .. import formats
+
+    meta, anns = formats.read_background(sample)
+    if paste.drop_crowd:
+        anns = [a for a in anns if not a.get("iscrowd")]
+    _, data = formats.background_image(sample)
+    rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    size, flip = paste.output_size, bool(plan.lsj_flip[i])
+    background = lsj_image(rgb, plan.lsj_size[i], plan.lsj_offset[i], flip, size)
+    full = formats.decode_masks(anns, int(meta["height"]), int(meta["width"]))
+    masks = np.array([lsj_mask(m, plan.lsj_size[i], plan.lsj_offset[i], flip, size) for m in full],
+                     np.uint8).reshape(-1, size, size)
+    labels = [a["category_id"] for a in anns]
+    pastes = []
+    for k in np.flatnonzero(plan.ids[i] >= 0):
+        payload = bank.read(int(plan.ids[i, k]))
+        bgr = cv2.imdecode(np.frombuffer(payload["jpg"], np.uint8), cv2.IMREAD_COLOR)
+        component, data = formats.instance_mask(payload)
+        alpha = formats.decode_alpha(data, component, bgr.shape[1], bgr.shape[0])
+        rgba = np.dstack([cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), alpha])
+        h, w = (int(v) for v in plan.size[i, k])
+        rgba = bilinear(rgba, h, w)
+        if plan.flip[i, k]:
+            rgba = rgba[:, ::-1]
+        pastes.append(Paste(np.ascontiguousarray(rgba), int(plan.pos[i, k, 0]),
+                            int(plan.pos[i, k, 1]), int(plan.labels[i, k])))
+    return background, masks, labels, pastes

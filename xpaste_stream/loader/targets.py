@@ -2,8 +2,9 @@
 
 Inputs: from DALI the id map built in paste order (1 + the slot of the last paste covering a
 pixel, 0 where none did) and the rows / columns each paste's hard mask covers where it was
-placed; the real masks, RLE-decoded on the CPU at the original resolution, moved to the device
-once, then put through the same LSJ integers as the image here. The rest is batched algebra:
+placed; the real masks as crops to their boxes (bits unpacked by the worker, copied to the
+device by DALI with the batch), put through the same LSJ integers as the image here: only
+the output pixels inside each object's box are computed. The rest is batched algebra:
 - the id map gives every pasted object's visible mask at once (ids == k + 1); real masks are
   cleared wherever any paste landed (ids > 0);
 - boxes come from masks; an object is kept if it has pixels left and its box moved at most
@@ -35,6 +36,49 @@ def lsj_masks(masks: torch.Tensor, lsj_size, lsj_offset, flip: bool, size: int) 
     left = size - len(cols) if flip else 0  # a flipped window has its padding on the left
     out[:, :len(rows), left:left + len(cols)] = (masks.to(torch.uint8).index_select(1, src_r)
                                                  .index_select(2, src_c.flip(0) if flip else src_c))
+    return out.view(torch.bool)
+
+
+def lsj_crop_masks(boxes: torch.Tensor, bits: torch.Tensor, image_size, lsj_size, lsj_offset,
+                   flip: bool, size: int) -> torch.Tensor:
+    """`lsj_masks` of masks given as crops: `boxes` (N, 4) [y0, x0, h, w] in image pixels and
+    `bits` the crops' 0/1 bytes one after the other (row-major). Returns (N, S, S) bool.
+    Each output pixel samples the same source pixel as `lsj_masks` (nearest, centres aligned);
+    on the CPU only each object's window is filled, on a GPU one gather covers all objects."""
+    device = bits.device
+    n = len(boxes)
+    out = torch.zeros((n, size, size), dtype=torch.uint8, device=device)
+    if n == 0:
+        return out.view(torch.bool)
+    (h, w), (nh, nw), (y0, x0) = ((int(v) for v in t) for t in (image_size, lsj_size, lsj_offset))
+    rows = torch.arange(y0, min(nh, y0 + size), device=device)
+    cols = torch.arange(x0, min(nw, x0 + size), device=device)
+    src_r = ((rows + 0.5) * (h / nh)).long().clamp_(max=h - 1)
+    src_c = ((cols + 0.5) * (w / nw)).long().clamp_(max=w - 1)
+    left = size - len(cols) if flip else 0
+    if flip:
+        src_c = src_c.flip(0)
+    boxes = boxes.to(device=device, dtype=torch.int64)
+    starts = torch.cumsum(boxes[:, 2] * boxes[:, 3], 0) - boxes[:, 2] * boxes[:, 3]
+    if device.type == "cpu":
+        for o, (by, bx, bh, bw) in enumerate(boxes.tolist()):
+            r = torch.nonzero((src_r >= by) & (src_r < by + bh)).flatten()
+            c = torch.nonzero((src_c >= bx) & (src_c < bx + bw)).flatten()
+            if len(r) and len(c):
+                crop = bits[int(starts[o]):int(starts[o]) + bh * bw].view(bh, bw)
+                out[o, int(r[0]):int(r[-1]) + 1, left + int(c[0]):left + int(c[-1]) + 1] = \
+                    crop.index_select(0, src_r[r] - by).index_select(1, src_c[c] - bx)
+        return out.view(torch.bool)
+    ry = src_r.view(1, -1) - boxes[:, 0:1]                                  # (N, R)
+    cx = src_c.view(1, -1) - boxes[:, 1:2]                                  # (N, C)
+    ok = ((ry >= 0) & (ry < boxes[:, 2:3])).unsqueeze(2) & ((cx >= 0) & (cx < boxes[:, 3:4])).unsqueeze(1)
+    at = starts.view(-1, 1, 1) + ry.clamp(min=0).unsqueeze(2) * boxes[:, 3].view(-1, 1, 1) \
+        + cx.clamp(min=0).unsqueeze(1)
+    if len(bits):
+        values = bits[at.clamp_(max=len(bits) - 1)]
+    else:
+        values = torch.zeros_like(at, dtype=torch.uint8)
+    out[:, :len(rows), left:left + len(cols)] = values * ok
     return out.view(torch.bool)
 
 
@@ -145,5 +189,7 @@ def build_targets(ids: torch.Tensor, extents: torch.Tensor, real_masks: list[tor
         torch.index_select(real_visible, 0, real_i, out=masks[:len(real_i)])
         torch.index_select(pasted_visible, 0, pasted_i, out=masks[len(real_i):])
         targets.append({"boxes": new[sel], "labels": labels[sel], "masks": masks,
-                        "source": source[sel], "image_id": int(plan.image_ids[i])})
+                        "source": source[sel], "area": area[sel].to(torch.float32),
+                        "iscrowd": torch.zeros(len(masks), dtype=torch.int64, device=device),
+                        "image_id": int(plan.image_ids[i])})
     return targets

@@ -1,9 +1,14 @@
 """pack-coco: a COCO or LVIS annotation file plus its image folder -> background shards.
 
-Reader (annotation file, via `lvis` / pycocotools) -> workers (read and check each image, turn
-its masks into compressed RLE) -> writer (ShardWriter: atomic shards, DALI index, stats). Images
-are stored as they are (no re-encoding). Beside the shards goes `categories.json`: per category
-its names, frequency group, counts, the paste-scale statistics and the LVIS repeat factor.
+Reader (annotation file, via `lvis` / pycocotools) -> workers -> writer (ShardWriter: atomic
+shards, DALI index, stats, rejects list). Images are stored as they are (no re-encoding).
+
+Two passes, because each background carries its LVIS repeat factor and that factor depends on
+which images are packed: first every image is checked (read, decoded, its annotations checked;
+an image that cannot be packed is skipped and named, an annotation with an unknown category or a
+malformed mask is dropped and named, its image kept); then `categories.json` is computed over the
+images that pass (counts, paste-scale statistics, repeat factors) and written; then the images
+are packed, masks turned into compressed RLE.
 """
 
 from __future__ import annotations
@@ -14,16 +19,16 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .. import formats, urls
-from ..config import ConfigError
-from ..shards import ShardWriter
+from .. import errors, formats, urls
+from ..config import ConfigError, check
+from ..shards import ShardWriter, check_output_pattern
 
 LVIS_RARE_MAX, LVIS_COMMON_MAX = 10, 100  # LVIS frequency groups by training image count
 
@@ -45,6 +50,7 @@ class PackCocoConfig:
             raise ValueError("repeat_threshold must be in (0, 1)")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        check_output_pattern(self.output)
 
     def check_inputs(self) -> None:
         if not os.path.isfile(self.annotations):
@@ -106,14 +112,15 @@ def to_rle(segmentation, height: int, width: int) -> dict:
             "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
-def category_table(ds, is_lvis: bool, repeat_threshold: float) -> list[dict]:
-    """Per-category metadata and statistics (docs/FORMATS.md, "Category metadata")."""
-    images = ds.dataset["images"]
+def category_table(categories: list[dict], images: list[dict], annotations: list[dict],
+                   is_lvis: bool, repeat_threshold: float) -> list[dict]:
+    """Per-category metadata and statistics over the given (packed) images and their
+    annotations (docs/FORMATS.md, "Category metadata")."""
     n_images = max(1, len(images))
     area_of = {im["id"]: float(im["height"]) * float(im["width"]) for im in images}
-    image_sets: dict[int, set[int]] = {c["id"]: set() for c in ds.dataset["categories"]}
-    scales: dict[int, list[float]] = {c["id"]: [] for c in ds.dataset["categories"]}
-    for a in ds.dataset["annotations"]:
+    image_sets: dict[int, set[int]] = {c["id"]: set() for c in categories}
+    scales: dict[int, list[float]] = {c["id"]: [] for c in categories}
+    for a in annotations:
         cid = a["category_id"]
         if cid not in image_sets or a["image_id"] not in area_of:
             continue
@@ -122,7 +129,7 @@ def category_table(ds, is_lvis: bool, repeat_threshold: float) -> list[dict]:
             w, h = a["bbox"][2], a["bbox"][3]
             scales[cid].append(math.sqrt(max(w * h, 0.0) / area_of[a["image_id"]]))
     table = []
-    for c in sorted(ds.dataset["categories"], key=lambda c: c["id"]):
+    for c in sorted(categories, key=lambda c: c["id"]):
         cid, s = c["id"], np.asarray(scales[c["id"]], float)
         image_count = len(image_sets[cid])
         freq = image_count / n_images
@@ -135,47 +142,127 @@ def category_table(ds, is_lvis: bool, repeat_threshold: float) -> list[dict]:
             "definition": c.get("def", ""), "frequency": frequency,
             "image_count": image_count, "instance_count": int(len(s)),
             "scale_mean": float(s.mean()) if len(s) else None,
-            "scale_std": float(s.std()) if len(s) > 1 else None,
+            "scale_std": float(s.std()) if len(s) else None,  # one instance: a measured 0
             "repeat_factor": max(1.0, math.sqrt(repeat_threshold / freq)) if freq > 0 else None,
         })
     return table
 
 
-# -- worker ------------------------------------------------------------------------------
+# -- workers -----------------------------------------------------------------------------
 
 
-def pack_image(task: tuple) -> dict | tuple[str, str]:
-    """Read one image and build its background sample, or return (reason, detail)."""
-    image, anns, image_dir, known_categories, repeat_factors, verify = task
-    path = os.path.join(image_dir, image["file_name"])
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return "missing_image", f"{path}: {e.strerror or e}"
+@dataclass
+class ImageCheck:
+    """Pass 1 for one image: why it cannot be packed, or which annotations it keeps."""
+
+    failure: tuple[str, str] | None = None       # (reason, detail): the image is skipped
+    kept: list[int] = field(default_factory=list)  # indexes of the annotations kept
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail) per annotation
+
+
+def image_path(image: dict, image_dir: str) -> str:
+    return os.path.join(image_dir, str(image.get("file_name", "")))
+
+
+def image_key(image: dict) -> str | None:
+    """The background key of an image entry; None when its id is not an integer."""
+    image_id = image.get("id")
+    if isinstance(image_id, bool) or not isinstance(image_id, int) or image_id < 0:
+        return None
+    return formats.background_key(image_id)
+
+
+def check_image(task: tuple) -> ImageCheck:
+    """Read and check one image and its annotations (pass 1)."""
+    image, anns, image_dir, known_categories, verify = task
+    failure = _image_problem(image, image_dir, verify)
+    if failure is not None:
+        return ImageCheck(failure)
+    result = ImageCheck()
+    h, w = int(image["height"]), int(image["width"])
+    for i, a in enumerate(anns):
+        problem = _annotation_problem(a, known_categories, h, w)
+        if problem is None:
+            result.kept.append(i)
+        else:
+            result.dropped.append(problem)
+    return result
+
+
+def _image_problem(image: dict, image_dir: str, verify: bool) -> tuple[str, str] | None:
+    path = image_path(image, image_dir)
+    if image_key(image) is None:
+        return "bad_image_id", f"{path}: image id {image.get('id')!r} is not a non-negative integer"
+    if not image.get("file_name") or not all(isinstance(image.get(k), int) and image[k] > 0
+                                             for k in ("width", "height")):
+        return "bad_image_entry", (f"image {image['id']}: needs file_name and positive integer "
+                                   f"width and height, has {sorted(image)}")
+    data = _read(path)
+    if isinstance(data, tuple):
+        return data
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, size = im.format, im.size
             if verify:
                 im.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return "corrupt_image", f"{path}: {e}"
-    ext = {"JPEG": "jpg", "PNG": "png"}.get(fmt)
-    if ext is None:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return "corrupt_image", f"{path}: {type(e).__name__}: {e}"
+    if fmt not in _EXTENSIONS:
         return "unsupported_image_format", f"{path}: {fmt}"
-    h, w = int(image["height"]), int(image["width"])
-    if size != (w, h):
-        return "size_mismatch", f"{path}: file is {size[0]}x{size[1]}, annotation says {w}x{h}"
-    unknown = sorted({a["category_id"] for a in anns} - known_categories)
-    if unknown:
-        return "unknown_category", f"{path}: annotations use category ids {unknown} not in the file"
+    if size != (image["width"], image["height"]):
+        return "size_mismatch", (f"{path}: file is {size[0]}x{size[1]}, annotation says "
+                                 f"{image['width']}x{image['height']}")
+    return None
+
+
+def _read(path: str) -> bytes | tuple[str, str]:
     try:
-        annotations = [formats.BackgroundAnnotation(
-            id=int(a["id"]), category_id=int(a["category_id"]), bbox=tuple(float(v) for v in a["bbox"]),
-            area=float(a.get("area", 0.0)), iscrowd=int(a.get("iscrowd", 0)),
-            rle=to_rle(a["segmentation"], h, w)) for a in anns]
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        return "missing_image", f"{path}: {e.strerror or e}"
+
+
+def _annotation_problem(a: dict, known_categories: set[int], h: int, w: int) -> tuple[str, str] | None:
+    if a.get("category_id") not in known_categories:
+        return "unknown_category", (f"annotation {a.get('id')}: category id {a.get('category_id')} "
+                                    "is not in the file's categories")
+    try:
+        _annotation(a, h, w)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        return "bad_annotation", f"{path}: {type(e).__name__}: {e}"
+        return "bad_annotation", f"annotation {a.get('id')}: {type(e).__name__}: {e}"
+    return None
+
+
+def _annotation(a: dict, h: int, w: int) -> formats.BackgroundAnnotation:
+    bbox = tuple(float(v) for v in a["bbox"])
+    if len(bbox) != 4:
+        raise ValueError(f"bbox has {len(bbox)} values")
+    return formats.BackgroundAnnotation(
+        id=int(a["id"]), category_id=int(a["category_id"]), bbox=bbox,
+        area=float(a.get("area", 0.0)), iscrowd=int(a.get("iscrowd", 0)),
+        rle=to_rle(a["segmentation"], h, w))
+
+
+_EXTENSIONS = {"JPEG": "jpg", "PNG": "png"}
+
+
+def pack_image(task: tuple) -> dict | tuple[str, str]:
+    """Build the background sample of a checked image (pass 2), or return (reason, detail)."""
+    image, anns, image_dir, repeat_factors = task
+    path = image_path(image, image_dir)
+    data = _read(path)
+    if isinstance(data, tuple):
+        return data
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            ext = _EXTENSIONS.get(im.format)
+    except (OSError, ValueError, SyntaxError) as e:
+        return "corrupt_image", f"{path}: changed since it was checked ({type(e).__name__}: {e})"
+    if ext is None:
+        return "unsupported_image_format", f"{path}: changed since it was checked"
+    h, w = int(image["height"]), int(image["width"])
+    annotations = [_annotation(a, h, w) for a in anns]
     rf = max([repeat_factors.get(a.category_id) or 1.0 for a in annotations], default=1.0)
     return formats.background_sample(
         formats.background_key(int(image["id"])), data, ext, image_id=int(image["id"]),
@@ -185,40 +272,79 @@ def pack_image(task: tuple) -> dict | tuple[str, str]:
         repeat_factor=rf)
 
 
+# -- driver ------------------------------------------------------------------------------
+
+
+def _map(fn, tasks, pool):
+    return pool.imap(fn, tasks, chunksize=8) if pool is not None else map(fn, tasks)
+
+
+def _sort_key(image: dict):
+    image_id = image.get("id")
+    return (0, image_id, "") if isinstance(image_id, int) else (1, 0, repr(image_id))
+
+
 def run_pack_coco(cfg: PackCocoConfig, progress: bool = True) -> dict:
+    check(cfg, "pack-coco")
     cfg.check_inputs()
     ds, is_lvis = load_dataset(cfg.annotations)
-    table = category_table(ds, is_lvis, cfg.repeat_threshold)
+    images = sorted(ds.dataset["images"], key=_sort_key)
+    anns_of: dict = {}
+    for a in ds.dataset["annotations"]:
+        anns_of.setdefault(a.get("image_id"), []).append(a)
+    known = {c["id"] for c in ds.dataset["categories"]}
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(get_context("spawn").Pool(
+            cfg.workers, initializer=errors.quiet_worker)) if cfg.workers > 1 else None
+        checks = _check_all(images, anns_of, known, cfg, pool, progress)
+        summary = _pack_all(images, anns_of, checks, is_lvis, ds.dataset["categories"], cfg, pool,
+                            progress)
+    return summary
+
+
+def _check_all(images: list[dict], anns_of: dict, known: set, cfg: PackCocoConfig, pool,
+               progress: bool) -> list[ImageCheck]:
+    """Pass 1: which images and annotations are packed."""
+    tasks = ((im, anns_of.get(im.get("id"), []), cfg.images, known, cfg.verify_images)
+             for im in images)
+    checks = []
+    with tqdm(total=len(images), desc="pack-coco: check", unit="img", disable=not progress) as bar:
+        for result in _map(check_image, tasks, pool):
+            checks.append(result)
+            bar.update(1)
+    return checks
+
+
+def _pack_all(images: list[dict], anns_of: dict, checks: list[ImageCheck], is_lvis: bool,
+              categories: list[dict], cfg: PackCocoConfig, pool, progress: bool) -> dict:
+    """categories.json over the images that pass, then pass 2: pack them."""
+    packed = [(im, [anns_of[im["id"]][i] for i in c.kept]) for im, c in zip(images, checks, strict=True)
+              if c.failure is None]
+    table = category_table(categories, [im for im, _ in packed],
+                           [a for _, anns in packed for a in anns], is_lvis, cfg.repeat_threshold)
     doc = {"schema": formats.CATEGORIES_SCHEMA, "dataset": "lvis" if is_lvis else "coco",
-           "source": os.path.abspath(cfg.annotations), "num_images": len(ds.dataset["images"]),
+           "source": os.path.abspath(cfg.annotations), "num_images": len(packed),
            "repeat_threshold": cfg.repeat_threshold, "categories": table}
     urls.write_bytes(cfg.categories_path(), json.dumps(doc, indent=1).encode())
 
-    known = {c["id"] for c in table}
     repeat_factors = {c["id"]: c["repeat_factor"] for c in table}
-    images = sorted(ds.dataset["images"], key=lambda im: im["id"])
-    anns_of: dict[int, list] = {}
-    for a in ds.dataset["annotations"]:
-        anns_of.setdefault(a["image_id"], []).append(a)
-
     writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize)
     start = writer.resume()
-    tasks = ((im, anns_of.get(im["id"], []), cfg.images, known, repeat_factors, cfg.verify_images)
-             for im in images[start:])
-    with contextlib.ExitStack() as stack:
-        if cfg.workers > 1:
-            pool = stack.enter_context(get_context("spawn").Pool(cfg.workers))
-            results = pool.imap(pack_image, tasks, chunksize=8)
-        else:
-            results = map(pack_image, tasks)
-        bar = stack.enter_context(tqdm(total=len(images), initial=start, desc="pack-coco",
-                                       unit="img", disable=not progress))
-        for position, result in enumerate(results, start=start):
+    todo = list(enumerate(zip(images, checks, strict=True)))[start:]
+    tasks = ((im, [anns_of[im["id"]][i] for i in c.kept], cfg.images, repeat_factors)
+             for _, (im, c) in todo if c.failure is None)
+    results = _map(pack_image, tasks, pool)
+    with tqdm(total=len(images), initial=start, desc="pack-coco", unit="img",
+              disable=not progress) as bar:
+        for position, (im, c) in todo:
+            source, key = image_path(im, cfg.images), image_key(im)
+            result = c.failure or next(results)
             if isinstance(result, tuple):
-                writer.fail(position, *result)
+                writer.fail(position, *result, source=source, key=key)
             else:
-                writer.add(position, result)
+                writer.add(position, result, source=source, dropped=c.dropped)
             bar.update(1)
     summary = writer.close()
     summary["categories"] = cfg.categories_path()
+    errors.record(writer.outcome("pack-coco", summary))
     return summary

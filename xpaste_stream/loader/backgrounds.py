@@ -1,0 +1,163 @@
+"""Backgrounds addressed by index: (shard, offset, size) of each component, from the DALI .idx
+files every shard set carries, so any worker reads any sample with one ranged read per
+component and no reader state (the way the bank reads instances).
+
+The index is small (a few arrays per sample) and picklable: worker processes get a copy and
+open their own file handles (`ShardFiles`, an LRU of descriptors or fsspec files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import formats, urls
+from ..shards import dali_index_path
+from .order import fingerprint
+
+# components a background sample is read by; the image is `jpg` or `png`
+COMPONENTS = ("image", "json", "ann.zst", "masks.zst")
+
+
+class BackgroundIndexError(ValueError):
+    """A background shard set cannot be indexed (missing or damaged .idx files)."""
+
+
+@dataclass
+class BackgroundIndex:
+    """Every background sample of a shard set: `shard[i]` (index into `urls`), `key[i]`, and
+    per component c `offset[c][i]` / `size[c][i]` (size -1 where the sample lacks it)."""
+
+    urls: list[str]
+    shard: np.ndarray
+    key: list[str]
+    offset: dict[str, np.ndarray]
+    size: dict[str, np.ndarray]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    @classmethod
+    def build(cls, shard_urls: list[str]) -> BackgroundIndex:
+        shard, keys, digests = [], [], []
+        offset = {c: [] for c in COMPONENTS}
+        size = {c: [] for c in COMPONENTS}
+        for n, url in enumerate(shard_urls):
+            text = _read_index_text(url)
+            digests.append((os.path.basename(url), fingerprint(text)))
+            for line in text.splitlines()[1:]:
+                fields = line.split()
+                found = {}
+                for ext, off, sz, member in zip(fields[0::4], fields[1::4], fields[2::4],
+                                                fields[3::4], strict=True):
+                    found["image" if ext in formats.BACKGROUND_IMAGE_EXTS else ext] = (int(off), int(sz))
+                    key = member[:-len(ext) - 1]
+                shard.append(n)
+                keys.append(key if fields else "?")
+                for c in COMPONENTS:
+                    off, sz = found.get(c, (0, -1))
+                    offset[c].append(off)
+                    size[c].append(sz)
+        return cls(list(shard_urls), np.asarray(shard, np.int32), keys,
+                   {c: np.asarray(v, np.int64) for c, v in offset.items()},
+                   {c: np.asarray(v, np.int64) for c, v in size.items()},
+                   fingerprint(digests))
+
+    def where(self, i: int) -> str:
+        return f"{self.urls[int(self.shard[i])]} key {self.key[i]}"
+
+    def repeat_factors(self, files: ShardFiles) -> np.ndarray:
+        """Each sample's LVIS image repeat factor, from its json member (1 where unreadable:
+        such a sample is skipped and counted when it is drawn)."""
+        factors = np.ones(len(self))
+        for i in range(len(self)):
+            if self.size["json"][i] < 0:
+                continue
+            try:
+                meta = json.loads(files.read(self, i, "json"))
+                factors[i] = max(0.0, float(meta.get("repeat_factor", 1.0)))
+            except (ValueError, OSError, TypeError):
+                pass
+        return factors
+
+
+def _read_index_text(url: str) -> str:
+    path = dali_index_path(url)
+    try:
+        with urls.open_url(path, "rb") as f:
+            text = f.read().decode()
+    except FileNotFoundError:
+        raise BackgroundIndexError(f"{path}: DALI index missing for background shard {url}; "
+                                   "rewrite the shard set (pack-coco) or create it with "
+                                   "DALI's wds2idx") from None
+    except UnicodeDecodeError:
+        raise BackgroundIndexError(f"{path}: not a DALI webdataset index (binary data)") from None
+    if not text.startswith("v1."):
+        raise BackgroundIndexError(f"{path}: not a DALI webdataset index (no v1.x header)")
+    return text
+
+
+class ShardFiles:
+    """Ranged reads of background components; local shards through `os.pread` on an LRU of
+    descriptors, others through fsspec. Safe to copy into worker processes (opens lazily)."""
+
+    def __init__(self, max_open: int = 32):
+        self.max_open = max_open
+        self._open: OrderedDict[str, object] = OrderedDict()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def read(self, index: BackgroundIndex, i: int, component: str) -> bytes:
+        size = int(index.size[component][i])
+        if size < 0:
+            raise formats.FormatError(f"no {component} member")
+        url = index.urls[int(index.shard[i])]
+        off = int(index.offset[component][i])
+        with self._lock:
+            handle = self._handle(url)
+            data = os.pread(handle, size, off) if isinstance(handle, int) else \
+                handle.cat_file(url, start=off, end=off + size)
+        if len(data) != size:
+            raise formats.FormatError(f"{component}: {len(data)} of {size} bytes readable "
+                                      "(truncated shard?)")
+        return data
+
+    def _handle(self, url: str):
+        if self._pid != os.getpid():  # a forked child: the parent's descriptors are not ours
+            self._open.clear()
+            self._pid = os.getpid()
+        handle = self._open.get(url)
+        if handle is None:
+            if urls.is_remote(url):
+                import fsspec
+
+                handle = fsspec.core.url_to_fs(url)[0]
+            else:
+                handle = os.open(urls.local_path(url), os.O_RDONLY)
+            self._open[url] = handle
+            if len(self._open) > self.max_open:
+                _, old = self._open.popitem(last=False)
+                if isinstance(old, int):
+                    os.close(old)
+        self._open.move_to_end(url)
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                for handle in self._open.values():
+                    if isinstance(handle, int):
+                        os.close(handle)
+            self._open.clear()
+
+    def __getstate__(self) -> dict:
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_open"])
