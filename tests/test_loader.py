@@ -11,17 +11,21 @@ from test_loader_fixtures import (
     background,
     corrupt_instance_dataset,
     default_backgrounds,
+    instance,
     make_dataset,
     write_backgrounds,
     write_bank,
     write_categories,
 )
 
-from xpaste_stream.bank import InstanceBank
+from xpaste_stream import formats
+from xpaste_stream.bank import InstanceBank, build_index
 from xpaste_stream.config import ConfigError, from_dict
 from xpaste_stream.loader import CopyPasteLoader, LoaderError, PasteConfig, to_detectron2
 from xpaste_stream.loader.plan import CategoryStats
 from xpaste_stream.loader.reference import Paste, composite, pastes_of
+from xpaste_stream.loader.sources import jpeg_size
+from xpaste_stream.shards import ShardWriter
 
 
 @pytest.fixture(scope="module")
@@ -411,3 +415,71 @@ def test_torch_threads_restored_after_each_batch(dataset):
     before = torch.get_num_threads()
     loader = CopyPasteLoader(urls, bank, small(), batch_size=4, torch_threads=1)
     assert len(epoch(loader)) == 3 and torch.get_num_threads() == before
+
+
+def test_damage_in_worker_processes_is_skipped_counted_and_named(tmp_path):
+    """In worker processes: a background without its annotations member, a shard truncated
+    under a stale index, instances whose JPEG body is random between valid markers or whose
+    LZ4 alpha is garbage. No crash; exactly the damaged ones are named."""
+    samples = default_backgrounds(8)
+    del samples[1]["ann.zst"]
+    bg_dir = tmp_path / "bg"
+    bg_dir.mkdir()
+    urls = write_backgrounds(str(bg_dir), samples, per_shard=4)
+    write_categories(str(bg_dir), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    size = os.path.getsize(urls[1])
+    with open(urls[1], "r+b") as f:     # cut the second shard in half; its .idx stays stale
+        f.truncate(size // 2)
+    from xpaste_stream.loader.backgrounds import BackgroundIndex
+
+    index = BackgroundIndex.build(urls)
+    cut = {index.key[i] for i in range(len(index)) if index.shard[i] == 1 and any(
+        index.offset[c][i] + index.size[c][i] > size // 2 for c in ("image", "json", "ann.zst", "masks.zst"))}
+    assert cut  # at least one sample lies past the cut
+
+    inst_dir = tmp_path / "inst"
+    writer = ShardWriter(str(inst_dir / "inst-{shard:06d}.tar"), maxcount=100)
+    writer.resume()
+    rng = np.random.default_rng(0)
+    for n in range(9):
+        s = instance(formats.image_key(1 + n % 3, n), 1 + n % 3, 24, 20, (200, 40, 40))
+        if n == 0:   # random body between a valid SOI and EOI
+            body = rng.integers(0, 256, len(s["jpg"]) - 4, dtype=np.uint8).tobytes()
+            s["jpg"] = s["jpg"][:2] + body + b"\xff\xd9"
+        if n == 1:   # garbage alpha
+            s["mask.lz4"] = rng.integers(0, 256, len(s["mask.lz4"]), dtype=np.uint8).tobytes()
+        writer.add(n, s)
+    writer.close()
+    build_index(sorted(str(p) for p in inst_dir.glob("*.tar")), str(tmp_path / "bank"),
+                workers=1, progress=False)
+
+    loader = CopyPasteLoader(urls, str(tmp_path / "bank"), small(min_pastes=6, max_pastes=6),
+                             batch_size=4, workers=2)
+    batches = epoch(loader)
+    stats = loader.stats()
+    assert sum(len(b.targets) for b in batches) == 8
+    damaged = {samples[1]["__key__"]} | cut
+    named_backgrounds = {s[1] for s in stats["skipped"] if s[2].startswith("background")}
+    assert named_backgrounds <= damaged and named_backgrounds  # named where the order hit them
+    order = loader.source.order(0)
+    hit = [index.key[int(order[p % 8])] for p in range(8) if index.key[int(order[p % 8])] in damaged]
+    assert stats["backgrounds_corrupt"] == len(hit) == len([s for s in stats["skipped"]
+                                                           if s[2].startswith("background")])
+    opened = InstanceBank.open(str(tmp_path / "bank"))
+    expected_bad = set()
+    for i in range(opened.num_instances):
+        payload, (w, h) = opened.read(i), (int(v[0]) for v in opened.sizes_of([i]))
+        try:
+            formats.decode_alpha(payload["mask.lz4"], "mask.lz4", w, h)
+            ok = jpeg_size(payload["jpg"]) == (h, w)
+        except formats.FormatError:
+            ok = False
+        if not ok:
+            expected_bad.add(i)
+    assert len(expected_bad) == 2
+    bad_instances = {s[1] for s in stats["skipped"] if s[2].startswith("instance")}
+    assert bad_instances and bad_instances <= {f"instance {i}" for i in expected_bad}
+    used = {int(i) for b in batches for i in b.plan.ids[b.plan.active]}
+    assert used and not used & expected_bad
+    assert stats["instances_corrupt"] == len([s for s in stats["skipped"] if s[2].startswith("instance")])
+    loader.close()

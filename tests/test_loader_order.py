@@ -53,12 +53,13 @@ def global_sequence(urls, bank, world: int, workers: int, device=None, epochs: i
     return [sorted(x for r in range(world) for x in per_rank[r][e]) for e in range(epochs)]
 
 
-def test_global_order_same_for_world_sizes_and_workers(dataset):
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_order_same_for_world_sizes_and_workers(dataset, device):
     urls, bank = dataset
-    base = global_sequence(urls, bank, world=1, workers=1)
+    base = global_sequence(urls, bank, world=1, workers=1, device=device)
     assert base[0] != base[1]  # each epoch its own order and plans
     for world, workers in ((1, 2), (2, 1), (4, 2)):
-        got = global_sequence(urls, bank, world=world, workers=workers)
+        got = global_sequence(urls, bank, world=world, workers=workers, device=device)
         for e in range(2):
             n = min(len(got[e]), len(base[e]))
             # positions past the epoch end wrap: compare the positions both runs have
@@ -191,7 +192,18 @@ def test_gpu_mode_worker_output_inflates_to_the_cpu_alphas(dataset):
             raw, packed = cpu_source.sample(0, pos), gpu_source.sample(0, pos)
             np.testing.assert_array_equal(raw["plan_row"], packed["plan_row"])
             for k in range(loader.paste.slots):
-                h, w, c = packed["alpha_shape"][k].tolist()
-                inflated = lz4.block.decompress(packed[f"alpha{k}"].tobytes(), uncompressed_size=h * w * c)
-                np.testing.assert_array_equal(np.frombuffer(inflated, np.uint8).reshape(h, w, c),
-                                              raw[f"alpha{k}"])
+                h, w, c = field(packed, k, "alpha_shape")
+                at, n = field(raw, k, "alpha_at")
+                expected = raw["alpha_blob"][at:at + n]
+                at, n = field(packed, k, "alpha_at")
+                inflated = lz4.block.decompress(packed["alpha_blob"][at:at + n].tobytes(),
+                                                uncompressed_size=h * w * c)
+                assert len(expected) == h * w * c
+                np.testing.assert_array_equal(np.frombuffer(inflated, np.uint8), expected)
+
+
+def field(columns: dict, k: int, name: str) -> list[int]:
+    from xpaste_stream.loader.pipeline import SLOT_OFFSETS
+
+    start, width = SLOT_OFFSETS[name]
+    return columns["slot_ints"][k, start:start + width].tolist()

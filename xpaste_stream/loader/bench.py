@@ -66,8 +66,10 @@ def measure_feed(background_urls, bank, paste: PasteConfig, batch_size: int, bat
 
     @pipeline_def
     def feed():
-        outs = fn.external_source(source=source, num_outputs=len(source.names),
-                                  batch=False, parallel=workers > 0)
+        parallel = {"parallel": True, "prefetch_queue_depth": loader.config.worker_prefetch} \
+            if workers else {}
+        outs = fn.external_source(source=source, num_outputs=len(source.names), batch=False,
+                                  **parallel)
         return tuple(outs)
 
     pipe = feed(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=2,

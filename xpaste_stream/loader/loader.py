@@ -38,7 +38,7 @@ from .config import LoaderConfig, PasteConfig
 from .order import LoaderState, batches_per_rank, fingerprint
 from .pipeline import PASSTHROUGH, copy_paste_pipeline
 from .plan import PastePlan
-from .sample import COUNTERS, SampleSource, plan_from_rows
+from .sample import COUNTERS, SampleSource, counts_from_rows, plan_from_rows
 from .sources import LoaderCounters
 from .targets import build_targets, lsj_crop_masks
 
@@ -193,7 +193,8 @@ class CopyPasteLoader:
             start = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
         pipe = copy_paste_pipeline(
             source=self.source, paste=self.paste, gpu=self.device_id is not None,
-            workers=cfg.workers, debug=cfg.debug, batch_size=cfg.batch_size,
+            workers=cfg.workers, debug=cfg.debug, worker_prefetch=cfg.worker_prefetch,
+            batch_size=cfg.batch_size,
             num_threads=cfg.num_threads, device_id=self.device_id,
             prefetch_queue_depth=cfg.prefetch, seed=cfg.seed,
             py_num_workers=max(1, cfg.workers), py_start_method=start)
@@ -242,7 +243,7 @@ class CopyPasteLoader:
                                plan.lsj_offset[i], bool(plan.lsj_flip[i]), size)
                 for i in range(len(labels))]
         targets = build_targets(ids, extents, real, labels, plan, self.paste)
-        self._count(np.stack(_samples(named["counts"])), _samples(named["skipped"]), plan,
+        self._count(counts_from_rows(rows, self.paste.slots), _samples(named["skipped"]), plan,
                     targets, labels)
         debug = None
         if self.config.debug:

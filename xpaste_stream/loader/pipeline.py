@@ -50,43 +50,62 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
 from .config import PasteConfig
 
 # The inputs, declared once: the sample function (sample.py) returns one array per name, in
-# this order. Background: the encoded bytes and its LSJ as one ROI resize (plan.lsj_window).
-BACKGROUND_INPUTS = ("bg_bytes", "lsj_roi_start", "lsj_roi_end", "lsj_out_size", "lsj_pad_start")
-# Per slot k (arrays of K rows per image): `slot_size` (h, w) float, `slot_flip` and
-# `slot_pos` (top-left on the canvas) of the resized instance; `on_canvas` 0/1; `crop_start` /
-# `crop_shape`: where the crop (the instance, plus the blur margin for gaussian edges) sits on
-# the canvas; `in_anchors`, `out_anchors`, `paste_shapes` (2, 2): the two `multi_paste`
-# regions, the whole canvas and the crop's on-canvas part. On a GPU also `alpha_shape`
-# (h, w, 1): what the device inflates each slot's LZ4 alpha block to.
-SLOT_INPUTS = ("slot_size", "slot_flip", "slot_pos", "on_canvas", "crop_start", "crop_shape",
-               "in_anchors", "out_anchors", "paste_shapes")
+# this order. Few arrays, packed: the main process pays per array and sample to take a worker's
+# output (~20 us; 45 arrays per sample made it 0.35 of a core at 420 images/s).
+# - `bg_bytes`: the encoded background; `lsj_roi` float32 (6,): its LSJ as one ROI resize,
+#   roi start (y, x), roi end, output size; `lsj_pad` int32 (3,): where the window's padding
+#   starts (plan.lsj_window);
+# - `slot_size` float32 (K, 2): (h, w) of each resized instance; `slot_ints` int32 (K, W): the
+#   rest of each slot, fields in SLOT_FIELDS (`pack_slots`);
+# - `jpg_blob` / `alpha_blob`: every slot's JPEG bytes / alpha one after the other (empty slots
+#   hold a transparent 8 x 8 placeholder), found by the slot's `jpg_at` / `alpha_at`
+#   (offset, length). The alpha is raw (h, w) bytes on the CPU, an LZ4 block on a GPU.
+GRAPH_INPUTS = ("bg_bytes", "lsj_roi", "lsj_pad", "slot_size", "slot_ints", "jpg_blob",
+                "alpha_blob")
+# Per slot: `flip` 0/1 and `pos` (top-left on the canvas) of the resized instance; `on` 0/1
+# (something lands on the canvas); `crop_start` / `crop_shape`: where the crop (the instance
+# plus the blur margin for gaussian edges) sits on the canvas; `in_anchors`, `out_anchors`,
+# `paste_shapes` (2 x 2): the two `multi_paste` regions, the whole canvas and the crop's
+# on-canvas part; `jpg_at`, `alpha_at`; `alpha_shape` (h, w, 1) of the stored alpha.
+SLOT_FIELDS = (("flip", 1), ("pos", 2), ("on", 1), ("crop_start", 2), ("crop_shape", 2),
+               ("in_anchors", 4), ("out_anchors", 4), ("paste_shapes", 4), ("jpg_at", 2),
+               ("alpha_at", 2), ("alpha_shape", 3))
+SLOT_OFFSETS = {name: (sum(w for _, w in SLOT_FIELDS[:i]), width)
+                for i, (name, width) in enumerate(SLOT_FIELDS)}
+SLOT_WIDTH = sum(w for _, w in SLOT_FIELDS)
 # Passed through the graph unchanged, so that what a worker made reaches the training thread
 # with its batch: the real objects (mask boxes [y0, x0, h, w], the masks' bits crop after crop,
-# category ids), the plan (sample.PLAN_HEAD + 7 K integers), skip counters and named skips.
-PASSTHROUGH = ("real_boxes", "real_bits", "real_labels", "plan_row", "counts", "skipped")
+# category ids), the plan and skip counters (`sample.PLAN_HEAD` + 7 K + counters integers) and
+# the named skips (JSON bytes).
+PASSTHROUGH = ("real_boxes", "real_bits", "real_labels", "plan_row", "skipped")
 TO_DEVICE = ("real_boxes", "real_bits")  # copied to the GPU by DALI, with the batch
 
 
-def graph_input_names(slots: int, gpu: bool = False) -> list[str]:
-    """Background and slot geometry, then per slot the instance's JPEG bytes (`jpg{k}`) and
-    its alpha (`alpha{k}`): on the CPU raw (h, w, 1) uint8 from the worker, on a GPU the LZ4
-    block the device inflates."""
-    return ([*BACKGROUND_INPUTS, *SLOT_INPUTS] + (["alpha_shape"] if gpu else [])
-            + [f"jpg{k}" for k in range(slots)] + [f"alpha{k}" for k in range(slots)])
+def input_names() -> list[str]:
+    return [*GRAPH_INPUTS, *PASSTHROUGH]
 
 
-def passthrough_names() -> list[str]:
-    return list(PASSTHROUGH)
+def pack_slots(fields: dict) -> np.ndarray:
+    """(K, SLOT_WIDTH) int32 from per-field (K, width) arrays, in SLOT_FIELDS order."""
+    k = len(fields["on"])
+    return np.concatenate([np.asarray(fields[name], np.int32).reshape(k, width)
+                           for name, width in SLOT_FIELDS], 1)
 
 
-def input_names(slots: int, gpu: bool = False) -> list[str]:
-    return graph_input_names(slots, gpu) + passthrough_names()
+def slot_field(slot_ints, k: int, name: str):
+    """Field `name` of slot k in the graph: a scalar for width 1, (2, 2) for the anchors."""
+    start, width = SLOT_OFFSETS[name]
+    if width == 1:
+        return slot_ints[k, start]
+    field = slot_ints[k, start:start + width]
+    return fn.reshape(field, shape=[2, 2]) if width == 4 else field
 
 
 def crop_padding(paste: PasteConfig) -> int:
@@ -96,23 +115,23 @@ def crop_padding(paste: PasteConfig) -> int:
 
 @pipeline_def(enable_conditionals=True)
 def copy_paste_pipeline(source, paste: PasteConfig, gpu: bool, workers: int, debug: bool = False,
-                        bytes_per_sample: int = 1 << 20):
+                        worker_prefetch: int = 4, bytes_per_sample: int = 1 << 20):
     """Composite one batch; `source(SampleInfo)` returns one sample's inputs in the order of
-    `input_names(K)` (sample.SampleSource). With `workers` > 0 DALI calls it in that many
+    `input_names()` (sample.SampleSource). With `workers` > 0 DALI calls it in that many
     worker processes (parallel external source), otherwise in the pipeline's thread."""
     k_slots, size = paste.slots, paste.output_size
     device = "gpu" if gpu else "cpu"
-    names = input_names(k_slots, gpu)
-    parallel = {"parallel": True, "bytes_per_sample_hint": bytes_per_sample} if workers else {}
-    outputs = fn.external_source(source=source, num_outputs=len(names), batch=False,
-                                 layout=["HWC" if n.startswith("alpha") and n != "alpha_shape"
-                                         and not gpu else "" for n in names], **parallel)
-    inputs = {name: outputs[i] for i, name in enumerate(names)}
+    names = input_names()
+    parallel = {"parallel": True, "prefetch_queue_depth": worker_prefetch,
+                "bytes_per_sample_hint": bytes_per_sample} if workers else {}
+    outputs = fn.external_source(source=source, num_outputs=len(names), batch=False, **parallel)
+    inputs = {name: outputs[i] for i, name in enumerate(names)}  # (autograph: no zip strict)
+    slots = inputs["slot_ints"]
 
+    lsj = inputs["lsj_roi"]
     canvas = fn.decoders.image(inputs["bg_bytes"], device="mixed" if gpu else "cpu",
                                output_type=types.RGB)
-    canvas = large_scale_jitter(canvas, inputs["lsj_roi_start"], inputs["lsj_roi_end"],
-                                inputs["lsj_out_size"], inputs["lsj_pad_start"], size)
+    canvas = large_scale_jitter(canvas, lsj[0:2], lsj[2:4], lsj[4:6], inputs["lsj_pad"], size)
     background = canvas[:, :, 0:3] if debug else None
     if paste.blending != "hard":
         canvas = fn.cast(canvas, dtype=types.FLOAT)
@@ -123,17 +142,16 @@ def copy_paste_pipeline(source, paste: PasteConfig, gpu: bool, workers: int, deb
                               device=device)
     instances, extents = [], []
     for k in range(k_slots):
-        if inputs["on_canvas"][k] > 0:
-            rgba = decode_instance(inputs[f"jpg{k}"], inputs[f"alpha{k}"],
-                                   inputs["alpha_shape"][k] if gpu else None, gpu)
+        if slot_field(slots, k, "on") > 0:
+            rgba = decode_instance(inputs["jpg_blob"], inputs["alpha_blob"], slots, k, gpu)
             rgba = fn.resize(rgba, resize_y=inputs["slot_size"][k, 0],
                              resize_x=inputs["slot_size"][k, 1], interp_type=types.INTERP_LINEAR,
                              antialias=False)
-            rgba = fn.flip(rgba, horizontal=inputs["slot_flip"][k])
+            rgba = fn.flip(rgba, horizontal=slot_field(slots, k, "flip"))
             hard = fn.cast(rgba[:, :, 3:4] >= paste.mask_threshold, dtype=types.UINT8)
-            extent = placed_extent(hard, inputs["slot_pos"][k], size)
-            crop, weight = slot_crop(rgba, hard, k + 1, inputs["crop_shape"][k], paste)
-            canvas = paste_over(canvas, crop, weight, inputs, k, size)
+            extent = placed_extent(hard, slot_field(slots, k, "pos"), size)
+            crop, weight = slot_crop(rgba, hard, k + 1, slot_field(slots, k, "crop_shape"), paste)
+            canvas = paste_over(canvas, crop, weight, slots, k, size)
         else:
             rgba, extent = no_instance, no_extent
         instances.append(rgba)
@@ -160,15 +178,20 @@ def large_scale_jitter(image, roi_start, roi_end, out_size, pad_start, size: int
                     out_of_bounds_policy="pad", fill_values=0)
 
 
-def decode_instance(jpg, alpha, alpha_shape, gpu: bool):
-    """RGB from the JPEG (nvJPEG on GPU) plus the alpha as a 4th channel: on a GPU inflated
-    from its LZ4 block on the device, on the CPU as the worker decoded it."""
+def decode_instance(jpg_blob, alpha_blob, slots, k: int, gpu: bool):
+    """Slot k's RGB from its JPEG (nvJPEG on GPU) plus its alpha as a 4th channel: on a GPU
+    inflated from its LZ4 block on the device, on the CPU the raw bytes the worker decoded."""
+    jpg_at, alpha_at = slot_field(slots, k, "jpg_at"), slot_field(slots, k, "alpha_at")
+    jpg = fn.slice(jpg_blob, start=jpg_at[0:1], shape=jpg_at[1:2], axes=[0])
+    alpha = fn.slice(alpha_blob, start=alpha_at[0:1], shape=alpha_at[1:2], axes=[0])
+    shape = slot_field(slots, k, "alpha_shape")
     if gpu:
         rgb = fn.decoders.image(jpg, device="mixed", output_type=types.RGB)
-        alpha = fn.decoders.inflate(alpha.gpu(), shape=alpha_shape, dtype=types.UINT8,
-                                    layout="HWC")
-        return fn.cat(rgb, alpha, axis=2)
-    return fn.cat(fn.decoders.image(jpg, device="cpu", output_type=types.RGB), alpha, axis=2)
+        alpha = fn.decoders.inflate(alpha.gpu(), shape=shape, dtype=types.UINT8, layout="HWC")
+    else:
+        rgb = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+        alpha = fn.reshape(alpha, shape=shape, layout="HWC")
+    return fn.cat(rgb, alpha, axis=2)
 
 
 def slot_crop(rgba, hard, slot_id: int, crop_shape, paste: PasteConfig):
@@ -191,16 +214,17 @@ def slot_crop(rgba, hard, slot_id: int, crop_shape, paste: PasteConfig):
     return fn.cast(crop, dtype=types.FLOAT), weight
 
 
-def paste_over(canvas, crop, weight, inputs, k: int, size: int):
+def paste_over(canvas, crop, weight, slots, k: int, size: int):
     """Slot k "over" the canvas, box-locally: blend the crop with the canvas window under it
     (zero padded where the crop hangs over the border), then `fn.multi_paste` copies the
     canvas and the blended window's on-canvas part into the new canvas."""
-    window = fn.slice(canvas, start=inputs["crop_start"][k], shape=inputs["crop_shape"][k],
-                      axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+    window = fn.slice(canvas, start=slot_field(slots, k, "crop_start"),
+                      shape=slot_field(slots, k, "crop_shape"), axis_names="HW",
+                      out_of_bounds_policy="pad", fill_values=0)
     blended = window + weight * (crop - window)
-    return fn.multi_paste(canvas, blended, in_anchors=inputs["in_anchors"][k],
-                          out_anchors=inputs["out_anchors"][k], shapes=inputs["paste_shapes"][k],
-                          output_size=[size, size])
+    return fn.multi_paste(canvas, blended, in_anchors=slot_field(slots, k, "in_anchors"),
+                          out_anchors=slot_field(slots, k, "out_anchors"),
+                          shapes=slot_field(slots, k, "paste_shapes"), output_size=[size, size])
 
 
 def placed_extent(hard, pos, size: int):

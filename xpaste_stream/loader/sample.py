@@ -27,7 +27,7 @@ from .. import formats
 from .backgrounds import BackgroundIndex, ShardFiles
 from .config import LoaderConfig, PasteConfig
 from .order import batches_per_rank, epoch_order, position
-from .pipeline import crop_padding, graph_input_names, passthrough_names
+from .pipeline import crop_padding, input_names, pack_slots
 from .plan import CategoryStats, PastePlan, Planner, assemble, lsj_window, paste_geometry
 from .sources import image_size, jpeg_size
 
@@ -67,7 +67,7 @@ class SampleSource:
         self.plan_hook = plan_hook
         self.device_alpha = device_alpha  # alphas as LZ4 blocks, inflated on the GPU
         self.files = ShardFiles()
-        self.names = graph_input_names(paste.slots, device_alpha) + passthrough_names()
+        self.names = input_names()
         self.run = (0, 0, 1, 0, 1, 0)  # epoch, start, batch size, rank, world size, samples
         self._orders: dict[int, np.ndarray] = {}
 
@@ -75,7 +75,6 @@ class SampleSource:
         """A copy giving the alphas as a GPU pipeline wants them (LZ4 blocks) or raw."""
         other = copy.copy(self)
         other.device_alpha = device_alpha
-        other.names = graph_input_names(self.paste.slots, device_alpha) + passthrough_names()
         return other
 
     # -- what DALI calls ------------------------------------------------------------------------
@@ -127,8 +126,8 @@ class SampleSource:
         columns.update(
             real_boxes=background["boxes"], real_bits=background["bits"],
             real_labels=background["labels"],
-            plan_row=np.concatenate([np.asarray(head, np.int64), slots.reshape(-1)]),
-            counts=np.asarray([counts[c] for c in COUNTERS], np.int64),
+            plan_row=np.concatenate([np.asarray(head, np.int64), slots.reshape(-1),
+                                     np.asarray([counts[c] for c in COUNTERS], np.int64)]),
             skipped=np.frombuffer(json.dumps(skipped).encode(), np.uint8))
         return columns
 
@@ -261,35 +260,44 @@ class SampleSource:
             return str(getattr(self.bank, "path", "bank"))
 
     def _graph_inputs(self, background: dict, plan: PastePlan, jpegs, alphas) -> dict:
-        size = self.paste.output_size
+        """The arrays of pipeline.GRAPH_INPUTS (layout documented there)."""
+        size, k = self.paste.output_size, self.paste.slots
         geometry = paste_geometry(plan, size, crop_padding(self.paste))
-        whole = np.broadcast_to(np.array([0, 0, size, size], np.int32), (*plan.ids.shape, 4))
-        window = lsj_window(plan, size)
-        columns = {
+        whole = np.broadcast_to(np.array([0, 0, size, size], np.int32), (k, 4))
+        window = {name: value[0] for name, value in lsj_window(plan, size).items()}
+        jpg_len = np.array([len(j) for j in jpegs])
+        alpha_len = np.array([a.size for a in alphas])
+        slot_ints = pack_slots({
+            "flip": plan.flip[0], "pos": plan.pos[0], "on": geometry["on"][0],
+            "crop_start": geometry["start"][0], "crop_shape": geometry["shape"][0],
+            # multi_paste regions: the whole canvas, then the crop's on-canvas part
+            "in_anchors": np.concatenate([whole[:, :2], geometry["paste_from"][0]], 1),
+            "out_anchors": np.concatenate([whole[:, :2], geometry["paste_to"][0]], 1),
+            "paste_shapes": np.concatenate([whole[:, 2:], geometry["extent"][0]], 1),
+            "jpg_at": np.stack([np.cumsum(jpg_len) - jpg_len, jpg_len], 1),
+            "alpha_at": np.stack([np.cumsum(alpha_len) - alpha_len, alpha_len], 1),
+            "alpha_shape": self._alpha_shapes(plan)})
+        return {
             "bg_bytes": background["data"],
-            **{name: value[0] for name, value in window.items()},
+            "lsj_roi": np.concatenate([window["lsj_roi_start"], window["lsj_roi_end"],
+                                       window["lsj_out_size"]]).astype(np.float32),
+            "lsj_pad": window["lsj_pad_start"].astype(np.int32),
             "slot_size": plan.size[0].astype(np.float32),
-            "slot_flip": plan.flip[0].astype(np.int32),
-            "slot_pos": plan.pos[0].astype(np.int32),
-            "on_canvas": geometry["on"][0].astype(np.int32),
-            "crop_start": geometry["start"][0],
-            "crop_shape": geometry["shape"][0],
-            # multi_paste regions (K, 2, 2): the whole canvas, then the crop's on-canvas part
-            "in_anchors": np.stack([whole[0, :, :2], geometry["paste_from"][0]], 1),
-            "out_anchors": np.stack([whole[0, :, :2], geometry["paste_to"][0]], 1),
-            "paste_shapes": np.stack([whole[0, :, 2:], geometry["extent"][0]], 1),
+            "slot_ints": slot_ints,
+            "jpg_blob": np.concatenate(jpegs),
+            "alpha_blob": np.concatenate([a.reshape(-1) for a in alphas]),
         }
-        if self.device_alpha:
-            columns["alpha_shape"] = self._alpha_shapes(plan)
-        for k in range(self.paste.slots):
-            columns[f"jpg{k}"] = jpegs[k]
-            columns[f"alpha{k}"] = alphas[k]
-        return columns
+
+
+def counts_from_rows(rows: np.ndarray, slots: int) -> np.ndarray:
+    """(B, len(COUNTERS)) skip counters from the per-sample `plan_row` vectors."""
+    return rows[:, PLAN_HEAD + PLAN_SLOT * slots:]
 
 
 def plan_from_rows(rows: np.ndarray, slots: int) -> PastePlan:
-    """The batch's PastePlan from the per-sample `plan_row` vectors (B, PLAN_HEAD + 7K)."""
-    head, slot = rows[:, :PLAN_HEAD], rows[:, PLAN_HEAD:].reshape(len(rows), slots, PLAN_SLOT)
+    """The batch's PastePlan from the per-sample `plan_row` vectors (B, PLAN_HEAD + 7K + C)."""
+    head = rows[:, :PLAN_HEAD]
+    slot = rows[:, PLAN_HEAD:PLAN_HEAD + PLAN_SLOT * slots].reshape(len(rows), slots, PLAN_SLOT)
     return PastePlan(
         image_ids=head[:, 0].copy(), image_sizes=head[:, 1:3].astype(np.int32),
         lsj_size=head[:, 3:5].astype(np.int32), lsj_offset=head[:, 5:7].astype(np.int32),
