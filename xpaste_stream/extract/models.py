@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..modelrefs import looks_like_path, resolve_device, resolve_dtype
 from .postprocess import clean_mask, tight_box
 from .segmenters import PlainBackgroundSegmenter, SegmentResult
 
@@ -45,28 +46,6 @@ class SegmenterWeightsMissing(FileNotFoundError):
     """A segmenter's model is not on this machine (nothing is downloaded at run time)."""
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(precision: str, device: str):
-    """auto: float16 on a GPU, float32 on the CPU (where half precision is slow or missing)."""
-    import torch
-
-    if precision == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, precision)
-
-
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else is meant as a folder."""
-    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
-
-
 def check_model(segmenter: str, model: str, local_files_only: bool = True) -> str:
     """The folder or hub id to load `model` from; SegmenterWeightsMissing names what is missing."""
     folder = os.path.expanduser(model)
@@ -76,7 +55,7 @@ def check_model(segmenter: str, model: str, local_files_only: bool = True) -> st
                 f"segmenter {segmenter!r}: model folder {model!r} has no config.json; pass a folder "
                 "written by save_pretrained")
         return folder
-    if _looks_like_path(model):
+    if looks_like_path(model):
         raise SegmenterWeightsMissing(f"segmenter {segmenter!r}: model folder {model!r} not found")
     if local_files_only:
         from huggingface_hub import try_to_load_from_cache

@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..modelrefs import looks_like_path, resolve_device, resolve_dtype
 from .base import Failure, Generated, WorkItem
 from .procedural import seed_for
 
@@ -62,31 +63,10 @@ def image_seed(seed: int, category_id: int, index: int) -> int:
     return int(seed_for(seed, category_id, index).integers(0, 2**63 - 1))
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
-
-
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else is meant as a folder."""
-    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
-
-
 def check_model_available(cfg: DiffusersConfig) -> None:
     """Fail before any work when the model is neither a saved folder nor in the local cache."""
     model = os.path.expanduser(cfg.model)
-    if _looks_like_path(cfg.model) or os.path.isdir(model):
+    if looks_like_path(cfg.model) or os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ModelLoadError(f"diffusers model folder {cfg.model!r} not found (no "
                                  "model_index.json); pass a folder written by save_pretrained")
@@ -106,7 +86,7 @@ def load_pipeline(cfg: DiffusersConfig, device: str, dtype):
     from diffusers import StableDiffusionPipeline
 
     model = os.path.expanduser(cfg.model)
-    if _looks_like_path(cfg.model) and not os.path.isdir(model):
+    if looks_like_path(cfg.model) and not os.path.isdir(model):
         raise ModelLoadError(f"diffusers model folder {cfg.model!r} not found; pass a folder written "
                              "by save_pretrained, or a hub id present in the local cache")
     try:
