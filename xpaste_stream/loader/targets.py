@@ -146,10 +146,9 @@ def build_targets(ids: torch.Tensor, extents: torch.Tensor, real_masks: list[tor
     device = ids.device
     b, k = extents.shape[:2]
 
-    counts = torch.tensor([len(m) for m in real_masks], device=device)
-    real = torch.cat(real_masks).view(torch.uint8) if int(counts.sum()) else \
+    counts = [len(m) for m in real_masks]  # host integers: no device sync
+    real = torch.cat(real_masks).view(torch.uint8) if sum(counts) else \
         torch.zeros((0, *ids.shape[1:]), dtype=torch.uint8, device=device)
-    real_image = torch.repeat_interleave(torch.arange(b, device=device), counts)
     free = (ids == 0).view(torch.uint8)
 
     active = torch.from_numpy(plan.active.reshape(-1)).to(device)       # only filled slots
@@ -161,7 +160,7 @@ def build_targets(ids: torch.Tensor, extents: torch.Tensor, real_masks: list[tor
     pasted_visible = torch.empty((len(pasted_image), *ids.shape[1:]), dtype=torch.bool, device=device)
     per_image = plan.active.sum(1).tolist()
     r0 = p0 = 0
-    for i, (n_real, n_pasted) in enumerate(zip(counts.tolist(), per_image, strict=True)):
+    for i, (n_real, n_pasted) in enumerate(zip(counts, per_image, strict=True)):
         torch.bitwise_and(real[r0:r0 + n_real], free[i], out=real_visible[r0:r0 + n_real])
         torch.eq(ids[i], pasted_slot[p0:p0 + n_pasted].view(-1, 1, 1),
                  out=pasted_visible[p0:p0 + n_pasted])
@@ -172,24 +171,31 @@ def build_targets(ids: torch.Tensor, extents: torch.Tensor, real_masks: list[tor
     new = torch.cat([boxes_from_masks(real_visible), boxes_from_masks(pasted_visible)])
     area = torch.cat([count_ones(real_visible), count_ones(pasted_visible)])
     keep = keep_rule(old, new, area, paste)
-    keep_real, keep_pasted = keep[:len(real)], keep[len(real):]
 
     labels = torch.from_numpy(np.concatenate([*real_labels, plan.labels[plan.active]])
                               .astype(np.int64)).to(device)
-    image_of = torch.cat([real_image, pasted_image])
     source = torch.cat([torch.zeros(len(real), dtype=torch.uint8, device=device),
                         torch.ones(len(pasted_image), dtype=torch.uint8, device=device)])
-    targets = []
+    # one transfer of the keep decisions (the batch's only device -> host sync here); every
+    # per-image selection is then a slice of one index tensor sent back once
+    keep_host = keep.cpu().numpy()
+    n_real = len(real)
+    image_host = np.concatenate([np.repeat(np.arange(b), counts),
+                                 np.repeat(np.arange(b), per_image)]).astype(np.int64)
+    kept = [np.flatnonzero(keep_host & (image_host == i)) for i in range(b)]
+    index = torch.from_numpy(np.concatenate(kept).astype(np.int64)).to(device, non_blocking=True)
+    targets, at = [], 0
     for i in range(b):
-        sel = keep & (image_of == i)
-        real_i = torch.nonzero(keep_real & (real_image == i)).flatten()
-        pasted_i = torch.nonzero(keep_pasted & (pasted_image == i)).flatten()
-        masks = torch.empty((len(real_i) + len(pasted_i), *ids.shape[1:]), dtype=torch.uint8,
+        idx = index[at:at + len(kept[i])]
+        at += len(kept[i])
+        n_real_i = int((kept[i] < n_real).sum())
+        masks = torch.empty((len(kept[i]), *ids.shape[1:]), dtype=torch.uint8,
                             device=device)  # filled in place: one copy per kept mask
-        torch.index_select(real_visible, 0, real_i, out=masks[:len(real_i)])
-        torch.index_select(pasted_visible, 0, pasted_i, out=masks[len(real_i):])
-        targets.append({"boxes": new[sel], "labels": labels[sel], "masks": masks,
-                        "source": source[sel], "area": area[sel].to(torch.float32),
-                        "iscrowd": torch.zeros(len(masks), dtype=torch.int64, device=device),
+        torch.index_select(real_visible, 0, idx[:n_real_i], out=masks[:n_real_i])
+        torch.index_select(pasted_visible, 0, idx[n_real_i:] - n_real, out=masks[n_real_i:])
+        targets.append({"boxes": new.index_select(0, idx), "labels": labels.index_select(0, idx),
+                        "masks": masks, "source": source.index_select(0, idx),
+                        "area": area.index_select(0, idx).to(torch.float32),
+                        "iscrowd": torch.zeros(len(kept[i]), dtype=torch.int64, device=device),
                         "image_id": int(plan.image_ids[i])})
     return targets
