@@ -16,6 +16,7 @@ import traceback
 
 from . import errors
 from .config import ConfigError, from_dict
+from .executors import UnitsFailed
 from .formats import FormatError
 from .generate.text2image import ModelLoadError
 from .shards import resolve_inputs
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as e:
         _print_error(args, f"error: {e}")
         return errors.EXIT_USAGE
+    except UnitsFailed as e:  # the work ran; these units failed on every attempt
+        _print_error(args, f"error: {e}")
+        return errors.EXIT_FAILED
     except Exception as e:  # a bug or an unforeseen environment problem: still one line
         _print_error(args, f"internal error: {type(e).__name__}: {e}"
                            + ("" if args.debug else " (rerun with --debug for the traceback)"))

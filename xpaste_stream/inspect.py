@@ -24,6 +24,8 @@ from PIL import Image
 from . import errors, formats, urls
 from .bank.tarscan import required as instance_required
 from .config import ConfigError
+from .manifest import MANIFEST_SUFFIX
+from .manifest import read_manifest as read_run_manifest
 from .shards import (
     TarDamage,
     check_components,
@@ -62,13 +64,15 @@ class ShardReport:
     recorded_failed: list[dict] = field(default_factory=list)
     without_dali_index: list[str] = field(default_factory=list)
     without_stats: list[str] = field(default_factory=list)
+    mixed_runs: list[dict] = field(default_factory=list)  # {shard, reason, run, shards, manifest}
     decoded: bool = True
+    _runs: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _keys: dict[str, str] = field(default_factory=dict, repr=False)
     _by_schema: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
 
     @property
     def has_problems(self) -> bool:
-        return bool(self.broken or self.damaged or self.missing or self.duplicates)
+        return bool(self.broken or self.damaged or self.missing or self.duplicates or self.mixed_runs)
 
     def as_dict(self) -> dict:
         return {"kind": "shards", "shards": self.shards, "samples": self.samples,
@@ -76,7 +80,7 @@ class ShardReport:
                 "instances_per_category": {str(k): v for k, v in sorted(self.categories.items())},
                 "component_bytes": dict(self.component_bytes), "decoded": self.decoded,
                 "broken": self.broken, "damaged": self.damaged, "missing": self.missing,
-                "duplicates": self.duplicates,
+                "duplicates": self.duplicates, "mixed_runs": self.mixed_runs,
                 "recorded_failures": dict(self.recorded_failures),
                 "recorded_failed": self.recorded_failed,
                 "without_dali_index": self.without_dali_index, "without_stats": self.without_stats,
@@ -170,7 +174,33 @@ def inspect_shards(shard_urls: list[str], kind: str | None = None, decode: bool 
         report.shards += 1
         _inspect_shard(url, report, decode)
     _judge_schemas(report, _KINDS.get(kind) if kind else None)
+    _judge_runs(report)
     return report
+
+
+def _judge_runs(report: ShardReport) -> None:
+    """Shards written by more than one run (their stats carry other manifest fingerprints),
+    or by a run their folder's manifest does not describe, are one mixed shard set."""
+    manifests: dict[str, str] = {}
+    for shards_ in report._runs.values():
+        for folder in {u.rpartition("/")[0] or "." for u in shards_}:
+            for path in urls.expand(f"{folder}/*-{MANIFEST_SUFFIX}"):
+                try:
+                    doc = read_run_manifest(path)
+                except ValueError:
+                    continue
+                if doc:
+                    manifests[doc["fingerprint"]] = path
+    runs = dict(report._runs)
+    if len(runs) < 2 and (not manifests or set(runs) <= set(manifests) | {"unrecorded"}):
+        return
+    for run, shards_ in sorted(runs.items()):
+        manifest = manifests.get(run)
+        report.mixed_runs.append({"shard": shards_[0], "reason": "mixed_run", "run": run,
+                                  "shards": len(shards_), "manifest": manifest,
+                                  "detail": f"{len(shards_)} shard(s) of run {run} (e.g. this one), "
+                                            + (f"described by {manifest}" if manifest else
+                                               "which no run manifest beside them describes")})
 
 
 def _inspect_shard(url: str, report: ShardReport, decode: bool) -> None:
@@ -227,6 +257,7 @@ def _check_sidecars(url: str, read: int, damaged: bool, report: ShardReport) -> 
     if stats.get("count") != read and not damaged:
         report.damaged.append({"shard": url, "reason": "stats_mismatch",
                                "detail": f"stats say {stats.get('count')} samples, the shard holds {read}"})
+    report._runs.setdefault(stats.get("run") or "unrecorded", []).append(url)
     report.recorded_failures.update(stats.get("failures", {}))
     for r in stats.get("failed_samples", []):
         _add(report.recorded_failed, {"shard": url, **r})
@@ -274,6 +305,7 @@ def format_report(report: ShardReport, show: int = 10) -> str:
                      for r in report.recorded_failed[:show])
     problems = [("missing shards", report.missing), ("damaged shards", report.damaged),
                 ("broken samples", report.broken), ("duplicate keys", report.duplicates),
+                ("runs mixed in one shard set (run manifest fingerprints)", report.mixed_runs),
                 ("shards without a DALI index", report.without_dali_index),
                 ("shards without stats (unfinished or foreign)", report.without_stats)]
     for title, items in problems:

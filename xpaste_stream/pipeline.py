@@ -21,6 +21,7 @@ from typing import Literal
 
 from . import errors, formats, urls
 from .config import ConfigError, from_dict, load_toml
+from .executors import ExecutorConfig
 from .extract import ExtractConfig, run_extract
 from .generate import GenerateConfig, run_generate
 from .generate.procedural import SceneSpec, category_names, write_scene_dataset
@@ -116,6 +117,7 @@ class PipelineConfig:
     extract: ExtractConfig | None = None
     index: IndexConfig | None = None
     loader: LoaderSection | None = None  # what the training loader reads; not a stage
+    executor: ExecutorConfig | None = None  # how generate and extract run their work units
 
     def validate(self) -> None:
         for stage in self.pipeline.stages:
@@ -211,9 +213,9 @@ def _run_stage(cfg: PipelineConfig, stage: str, progress: bool) -> dict:
         cfg.pack_coco.check_inputs()
         return run_pack_coco(cfg.pack_coco, progress)
     if stage == "generate":
-        return run_generate(cfg.generate, progress)
+        return run_generate(cfg.generate, progress, executor=cfg.executor)
     if stage == "extract":
-        return run_extract(cfg.extract, progress)
+        return run_extract(cfg.extract, progress, executor=cfg.executor)
     if stage == "index":
         from .bank import build_index
 
@@ -224,9 +226,10 @@ def _run_stage(cfg: PipelineConfig, stage: str, progress: bool) -> dict:
     raise ConfigError(f"unknown stage {stage!r}")
 
 
-def loader_from_pipeline(path: str, device_id: int | None = None, rank: int = 0,
-                         world_size: int = 1, **overrides):
-    """The CopyPasteLoader a pipeline file's `[loader]` table describes."""
+def loader_from_pipeline(path: str, device_id: int | None = None, rank: int | None = None,
+                         world_size: int | None = None, **overrides):
+    """The CopyPasteLoader a pipeline file's `[loader]` table describes (rank and world size
+    from torchrun's environment when not given)."""
     from .loader import CopyPasteLoader
 
     cfg = load_pipeline(path)

@@ -115,7 +115,7 @@ class ShardWriter:
     """
 
     def __init__(self, pattern: str, *, maxcount: int = 1000, maxsize: int = 1 << 30,
-                 dali_index: bool = True, rejects: str | None = None):
+                 dali_index: bool = True, rejects: str | None = None, run: str | None = None):
         if maxcount < 1 or maxsize < 1:
             raise ValueError(f"maxcount ({maxcount}) and maxsize ({maxsize}) must be positive")
         self.names = ShardNames(pattern)
@@ -127,7 +127,10 @@ class ShardWriter:
         self.input_failures: dict[str, int] = {}  # samples lost with no input position
         self.bad_shards = 0
         self._open: _OpenShard | None = None
-        self._rejects: RejectsList | None = None
+        self._rejects: RejectsList | _UnitRecords | None = None
+        self.run = run  # the run manifest's fingerprint, written into every shard's stats
+        self.unit: str | None = None  # set by start_unit: one shard, named by its work unit
+        self.unit_damage: list[dict] = []
 
     # -- resume ----------------------------------------------------------------------------
 
@@ -147,6 +150,45 @@ class ShardWriter:
                 urls.remove(leftover)
         return self.next_input
 
+    # -- work units: one unit, one shard -----------------------------------------------------
+
+    def start_unit(self, shard_index: int, input_start: int, unit: str) -> None:
+        """Write exactly shard `shard_index` for work unit `unit` (inputs from `input_start`):
+        no cutting by count; a partial shard of an interrupted attempt is removed first."""
+        self._rejects = _UnitRecords()
+        self.unit, self.next_shard, self.next_input = unit, shard_index, input_start
+        name = self.names[shard_index]
+        for leftover in (name + ".tmp", name, dali_index_path(name)):
+            urls.remove(leftover)
+
+    def finish_unit(self, input_end: int | None = None) -> dict:
+        """Finish the unit's shard (stats even when it holds nothing: the unit is done);
+        `input_end`: the end of the unit's input range, when its last inputs gave nothing."""
+        if self._open is None:
+            self._current(self.next_input)
+        if input_end is not None:
+            self.next_input = max(self.next_input, input_end)
+        self._finish()
+        return self.done[-1]
+
+    def abort_unit(self) -> None:
+        """An interrupted unit leaves no shard without stats (the next run redoes it)."""
+        name = self.names[self.next_shard]
+        if read_stats(name) is None:
+            for leftover in (name + ".tmp", name, dali_index_path(name)):
+                urls.remove(leftover)
+
+    def gather(self, shard_indices: list[int]) -> None:
+        """Take the finished shards `shard_indices` (units run elsewhere) into this writer's
+        totals and its shard set's rejects list, before `close`."""
+        self._rejects = RejectsList(self.rejects_path)
+        for index in shard_indices:
+            name = self.names[index]
+            stats = read_stats(name)
+            if stats is None:
+                raise RuntimeError(f"{name}: unit finished but its stats are missing")
+            self._keep(stats, name)
+
     def _has_name(self, index: int) -> bool:
         return self.names.fixed is None or index < len(self.names.fixed)
 
@@ -157,8 +199,15 @@ class ShardWriter:
             for r in records:
                 self._rejects.add(Reject(what, r.get("source") or "", r.get("key"), r["reason"],
                                          r.get("detail", ""), r.get("input"), name))
+        for d in stats.get("damaged_inputs", []):
+            reject = Reject(d["what"], d["source"], d.get("key"), d["reason"], d.get("detail", ""))
+            self._rejects.add(reject)
+            if reject.what == "shard":
+                self.bad_shards += 1
+            else:
+                self.input_failures[reject.reason] = self.input_failures.get(reject.reason, 0) + 1
         self.done.append({k: v for k, v in stats.items()
-                          if k not in ("failed_samples", "dropped_parts")})
+                          if k not in ("failed_samples", "dropped_parts", "damaged_inputs")})
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -182,6 +231,9 @@ class ShardWriter:
         size = sum(len(v) + 1024 for _, v in parts)
         if self._open is not None and self._open.count and \
                 self._open.buf.tell() + size > self.maxsize:
+            if self.unit is not None:
+                raise ValueError(f"work unit {self.unit}: shard {self._open.name} would pass maxsize "
+                                 f"({self.maxsize} bytes); lower maxcount")
             self._finish()
         shard = self._current(position)
         line = []
@@ -201,7 +253,7 @@ class ShardWriter:
                                         "reason": reason, "detail": detail})
         shard.count += 1
         self.next_input = position + 1
-        if shard.count >= self.maxcount:
+        if shard.count >= self.maxcount and self.unit is None:
             self._finish()
 
     def fail(self, position: int, reason: str, detail: str = "", *, source: str | None = None,
@@ -212,13 +264,17 @@ class ShardWriter:
         shard.failed_samples.append({"input": position, "source": source, "key": key,
                                      "reason": reason, "detail": detail})
         self.next_input = position + 1
-        if len(shard.failed_samples) >= self.maxcount:
+        if len(shard.failed_samples) >= self.maxcount and self.unit is None:
             self._finish()
 
     def reject_input(self, reject: Reject) -> None:
         """Record what the reader lost without an input position: a bad shard, its lost samples."""
         if self._rejects is None:
             raise RuntimeError("call ShardWriter.resume() before writing")
+        if self.unit is not None:  # kept in the unit's stats; the driver lists them
+            self.unit_damage.append({"what": reject.what, "source": reject.source, "key": reject.key,
+                                     "reason": reject.reason, "detail": reject.detail})
+            return
         self._rejects.add(reject)
         if reject.what == "shard":
             self.bad_shards += 1
@@ -273,9 +329,39 @@ class ShardWriter:
                  "input_start": shard.input_start, "input_end": self.next_input,
                  "seconds": round(time.time() - shard.started, 3),
                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self.run is not None:
+            stats["run"] = self.run
+        if self.unit is not None:
+            stats["unit"], stats["damaged_inputs"] = self.unit, self.unit_damage
         urls.write_bytes(stats_path(name), json.dumps(stats, indent=1).encode())
         self._keep(stats, name)
         self.next_shard += 1
+
+
+def unit_finished(pattern: str, unit: str, shard: int, run: str) -> bool:
+    """A work unit is done when its shard's stats exist; ConfigError when they name another
+    unit or run (the output mixes runs)."""
+    name = ShardNames(pattern)[shard]
+    stats = read_stats(name)
+    if stats is None:
+        return False
+    if stats.get("unit") != unit or stats.get("run") != run:
+        raise ConfigError(f"{stats_path(name)} names unit {stats.get('unit')!r} of run "
+                          f"{stats.get('run')!r}, expected unit {unit!r} of run {run!r}: the output "
+                          "mixes runs; rerun with --overwrite to start over, or write elsewhere")
+    return True
+
+
+class _UnitRecords:
+    """A unit's records live in its shard's stats; `gather` lists them for the shard set."""
+
+    first: list = []
+
+    def add(self, reject: Reject) -> None:
+        pass
+
+    def close(self) -> None:
+        return None
 
 
 def write_samples(pattern: str, samples, maxcount: int = 1000) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .. import urls
+from .. import remote, urls
 from .layout import BankError
 
 
@@ -88,11 +88,12 @@ class LocalFile:
 
 
 class RemoteFile:
-    """A shard on an fsspec filesystem, read with one ranged request per read."""
+    """A shard on an fsspec filesystem, read by ranged requests through a bounded cache."""
 
     def __init__(self, entry: dict):
         import fsspec
 
+        self.url = entry["path"]
         self.fs, self.path = fsspec.core.url_to_fs(entry["path"])
         try:
             info = self.fs.info(self.path)
@@ -103,7 +104,8 @@ class RemoteFile:
         check_unchanged(entry, found)
 
     def read(self, offset: int, size: int) -> bytes:
-        return self.fs.cat_file(self.path, start=offset, end=offset + size)
+        """Through the process's bounded block cache, with retries (remote.py)."""
+        return remote.read_range(self.url, offset, size)
 
     def close(self) -> None:
         pass

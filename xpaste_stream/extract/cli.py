@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .. import executors
 from ..config import ConfigError, from_dict
 from .stage import ExtractConfig, run_extract
 
@@ -35,6 +36,7 @@ def register(sub) -> None:
                    help="drop candidates whose segmenter confidence is lower (0: off)")
     p.add_argument("--rejects", choices=["none", "list", "thumbnails"], default="thumbnails",
                    help="what rejects/ beside the output keeps for the report")
+    executors.add_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -68,5 +70,6 @@ def _run(args) -> int:
         "rejects": args.rejects,
         "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained, "device": args.device,
                  "fp16": args.precision != "float32"}}, "extract")
-    print(json.dumps(run_extract(cfg), indent=1, default=str))
+    summary = run_extract(cfg, executor=executors.from_arguments(args), overwrite=args.overwrite)
+    print(json.dumps(summary, indent=1, default=str))
     return 0

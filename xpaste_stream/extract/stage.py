@@ -1,7 +1,10 @@
 """Stage 2 driver: image shards -> segment -> clean -> filter -> select -> instance shards.
 
-Inputs are the samples of the image shards in the order given, numbered from 0, so a rerun
-resumes at the first sample no finished instance shard covers. Samples are processed in batches
+Work units: `maxcount` samples of one input shard each, keyed by the input's location and size
+and written as exactly one instance shard whose number the run manifest gives (manifest.py), so
+a rerun skips finished units, an input that was missing and came back becomes new units (no
+duplicate, no gap), and nothing depends on listing order. Units run under any executor
+(executors.py) with the same function. Within a unit, samples are processed in batches
 of `batch_size`: each configured segmenter (built-in, model-backed or plug-in: plugins.py) runs
 once per batch, every candidate mask is cleaned (largest contour, holes filled) and checked
 (area ratio, segmenter confidence), and each image keeps one mask by the selection rule:
@@ -20,30 +23,37 @@ indexed (`xpaste-stream index --min-clip`), not here.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from .. import errors, formats, urls
-from ..config import ConfigError
+from ..config import ConfigError, check
+from ..executors import ExecutorConfig, run_units, start_ray, wants_gpu
+from ..manifest import RunManifest, open_run, output_files, settings_of
+from ..remote import check_location
 from ..shards import (
     ShardWriter,
     TarDamage,
     check_components,
     check_output_pattern,
+    index_keys,
     iter_tar,
+    read_stats,
     resolve_inputs,
     sample_key,
+    unit_finished,
 )
 from . import plugins
 from .clip_score import ClipConfig, ClipScorer
 from .models import Precision
 from .postprocess import clean_mask, tight_box
-from .rejects import Rejected, RejectsWriter
+from .rejects import Rejected, RejectsWriter, rejects_path
 from .segmenters import SegmentResult
 
 # why an image gave no instance, from the candidate that came closest to surviving
@@ -283,51 +293,187 @@ def make_scorer(cfg: ExtractConfig) -> ClipScorer | None:
     return ClipScorer.load(cfg.clip) if cfg.scorer == "clip" else None
 
 
-def run_extract(cfg: ExtractConfig, progress: bool = True, scorer: ClipScorer | None = None) -> dict:
-    """Run stage 2. `scorer` overrides the one `cfg` describes (tests, benchmarks)."""
-    inputs = resolve_inputs(cfg.inputs, schema=formats.IMAGE_SCHEMA, stage="extract")
-    for spec in cfg.segmenters:  # weights missing: fail naming the model before any work
-        plugins.check(spec, cfg.segmenter_options.get(spec, {}), cfg.local_files_only)
-    segmenters = make_segmenters(cfg)
-    scorer = scorer if scorer is not None else make_scorer(cfg)
-    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize)
-    start = writer.resume()
-    rejects = None if cfg.rejects == "none" else RejectsWriter(
-        writer, cfg.thumbnail_side if cfg.rejects == "thumbnails" else None)
-    damage: list[TarDamage] = []
+# settings that do not change what the shards hold
+RUNTIME_SETTINGS = ("inputs", "output", "device", "batch_size", "local_files_only", "clip.device",
+                    "clip.cache_dir")
 
-    def flush(batch: list[tuple[int, dict]]) -> None:
-        results = extract_batch([s for _, s in batch], segmenters, scorer, cfg)
-        for (position, sample), result in zip(batch, results, strict=True):
-            key, source = sample_key(sample, formats.IMAGE_COMPONENTS), sample.get("__url__", "")
-            if isinstance(result, Rejected):
-                writer.fail(position, result.reason, result.detail, source=source, key=key)
-                if rejects is not None:
-                    rejects.add(position, source, key, result)
-            else:
-                writer.add(position, result, source=source)
-            if rejects is not None:
-                rejects.note_progress()
-        bar.update(len(batch))
 
-    with tqdm(desc="extract", unit="img", initial=start, disable=not progress) as bar:
+@dataclass(frozen=True)
+class ExtractUnit:
+    """Samples [start, end) of input shard `source` (of `size` bytes), written as shard `shard`.
+
+    The key names the input by location and size, so a unit means the same images whatever
+    else exists or in what order the inputs were listed; shard numbers are given by the run
+    manifest (new units after the known ones), never by listing order.
+    """
+
+    key: str
+    shard: int
+    source: str
+    start: int
+    end: int
+
+
+def _unit_key(source: str, size: int, start: int, end: int) -> str:
+    return f"{source}|{size}|{start:07d}-{end:07d}"
+
+
+def _input_size(url: str) -> int:
+    if urls.is_remote(url):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        return int(fs.size(path))
+    return os.path.getsize(urls.local_path(url))
+
+
+def count_samples(url: str) -> int:
+    """Samples in an image shard: from its DALI index, else its stats, else by reading it."""
+    keys = index_keys(url)
+    if keys is not None:
+        return len(keys)
+    try:
+        stats = read_stats(url)
+    except (OSError, ValueError):
+        stats = None
+    if stats and isinstance(stats.get("count"), int):
+        return stats["count"]
+    return sum(1 for _ in iter_tar(url, damage=[], complete=_whole))
+
+
+def plan_units(inputs: list[str], maxcount: int, run: RunManifest) -> list[ExtractUnit]:
+    """Units of `maxcount` samples per input shard, shard numbers from (and into) `run`.
+
+    Raises ConfigError before work when an input was extracted before with another size (it
+    changed: its old instances would stay beside the new ones)."""
+    with ThreadPoolExecutor(8) as pool:  # one small read per shard; overlaps remote latency
+        sizes = list(pool.map(_input_size, inputs))
+        counts = list(pool.map(count_samples, inputs))
+    known: dict[str, str] = {}
+    for key in run.units:
+        source, size, _ = key.rsplit("|", 2)
+        known[source] = size
+    changed = [f"{u} ({known[u]} -> {n} bytes)" for u, n in zip(inputs, sizes, strict=True)
+               if u in known and known[u] != str(n)]
+    if changed:
+        raise ConfigError(f"extract: input shards changed since they were extracted into "
+                          f"{run.path}: {', '.join(changed[:5])}; rerun with --overwrite to start over, "
+                          "or write elsewhere")
+    spans = [(u, size, a, min(a + maxcount, n)) for u, size, n in zip(inputs, sizes, counts, strict=True)
+             for a in range(0, max(n, 1), maxcount)]
+    keys = [_unit_key(*span) for span in spans]
+    numbers = run.assign(keys)
+    return [ExtractUnit(k, numbers[k], u, a, b) for k, (u, _, a, b) in zip(keys, spans, strict=True)]
+
+
+@dataclass
+class ExtractJob:
+    """What every worker needs to run extract units (picklable: sent to processes and actors)."""
+
+    cfg: ExtractConfig
+    fingerprint: str
+    num_gpus: float = 0.0
+
+    def setup(self) -> tuple[list, ClipScorer | None]:
+        return make_segmenters(self.cfg), make_scorer(self.cfg)
+
+    def run(self, context: tuple[list, ClipScorer | None], unit: ExtractUnit) -> dict:
+        return extract_unit(self.cfg, self.fingerprint, *context, unit)
+
+
+def _unit_samples(unit: ExtractUnit, damage: list[TarDamage]) -> Iterator[tuple[int, dict]]:
+    for position, sample in enumerate(_samples([unit.source], damage)):
+        if position >= unit.end:
+            break
+        if position >= unit.start:
+            yield position, sample
+
+
+def extract_unit(cfg: ExtractConfig, fingerprint: str, segmenters: list, scorer: ClipScorer | None,
+                 unit: ExtractUnit) -> dict:
+    """One work unit -> exactly its instance shard, stats and rejects/ tar; the same under
+    every executor."""
+    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=fingerprint)
+    writer.start_unit(unit.shard, unit.start, unit.key)
+    try:
+        rejects = None if cfg.rejects == "none" else RejectsWriter(
+            writer, cfg.thumbnail_side if cfg.rejects == "thumbnails" else None)
+        damage: list[TarDamage] = []
+
+        def flush(batch: list[tuple[int, dict]]) -> None:
+            results = extract_batch([s for _, s in batch], segmenters, scorer, cfg)
+            for (position, sample), result in zip(batch, results, strict=True):
+                key, source = sample_key(sample, formats.IMAGE_COMPONENTS), sample.get("__url__", "")
+                if isinstance(result, Rejected):
+                    writer.fail(position, result.reason, result.detail, source=source, key=key)
+                    if rejects is not None:
+                        rejects.add(position, source, key, result)
+                else:
+                    writer.add(position, result, source=source)
+
         batch: list[tuple[int, dict]] = []
-        for position, sample in enumerate(_samples(inputs, damage)):
-            if position < start:
-                continue
+        for position, sample in _unit_samples(unit, damage):
             batch.append((position, sample))
             if len(batch) == cfg.batch_size:
                 flush(batch)
                 batch = []
         if batch:
             flush(batch)
-    for d in damage:
-        writer.reject_damage(d)
+        if unit.start == 0:  # damage of an input shard is recorded once, by its first unit
+            for d in damage:
+                writer.reject_damage(d)
+        stats = writer.finish_unit(unit.end)
+        if rejects is not None:
+            rejects.close()
+        return stats
+    except BaseException:
+        writer.abort_unit()
+        raise
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True, scorer: ClipScorer | None = None,
+                executor: ExecutorConfig | None = None, overwrite: bool = False) -> dict:
+    """Run stage 2 as work units (one per `maxcount` samples of an input shard). `scorer`
+    overrides the one `cfg` describes (tests, benchmarks; local executor, 1 worker)."""
+    executor = executor or ExecutorConfig()
+    check(executor, "extract")
+    if scorer is not None and (executor.executor != "local" or executor.workers != 1):
+        raise ConfigError("extract: a prebuilt scorer runs only with the local executor, 1 worker")
+    check_location(cfg.output)
+    inputs = sorted(resolve_inputs(cfg.inputs, schema=formats.IMAGE_SCHEMA, stage="extract"))
+    for spec in cfg.segmenters:  # weights missing: fail naming the model before any work
+        plugins.check(spec, cfg.segmenter_options.get(spec, {}), cfg.local_files_only)
+    run = open_run("extract", cfg.output, settings_of(cfg, RUNTIME_SETTINGS), overwrite=overwrite,
+                   extra_outputs=tuple(_rejects_files(cfg.output)) if overwrite else ())
+    units = plan_units(inputs, cfg.maxcount, run)
+    fingerprint = run.fingerprint
+    absent = sorted({k.rsplit("|", 2)[0] for k in run.units} - set(inputs))
+    todo = [u for u in units if not unit_finished(cfg.output, u.key, u.shard, fingerprint)]
+    if todo and executor.executor == "ray":
+        start_ray(executor.ray_address)
+    run.save()
+    in_process = executor.executor == "local" and executor.workers == 1
+    context = (make_segmenters(cfg), scorer if scorer is not None else make_scorer(cfg)) \
+        if in_process and todo else None
+    gpus = 1.0 if wants_gpu(cfg.device) and any(s not in ("plain-background", "grabcut")
+                                                for s in cfg.segmenters) else 0.0
+    run_units(ExtractJob(cfg, fingerprint, gpus), todo, executor, stage="extract", progress=progress,
+              context=context, weights=[u.end - u.start for u in todo])
+    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=fingerprint)
+    shard_numbers = sorted({u.shard for u in units} | set(run.units.values()))
+    writer.gather(shard_numbers)
     summary = writer.close()
     errors.record(writer.outcome("extract", summary))
-    if rejects is not None:
-        rejects.close()
-    summary["damaged_inputs"] = [vars(d) for d in damage]
+    summary["damaged_inputs"] = [d for n in shard_numbers
+                                 for d in (read_stats(writer.names[n]) or {}).get("damaged_inputs", [])
+                                 if d["what"] == "shard"]
     summary["selection"] = cfg.selection
-    summary["segmenters"] = [s.name for s in segmenters]
+    summary["segmenters"] = list(cfg.segmenters)
+    summary.update(units=len(units), units_run=len(todo), executor=executor.executor,
+                   workers=executor.workers, absent_inputs=absent)
     return summary
+
+
+def _rejects_files(pattern: str) -> list[str]:
+    """The rejects/ tars beside an instance shard set (removed with it by --overwrite)."""
+    return [rejects_path(f) for f in output_files(pattern) if f.endswith(".tar")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .. import executors
 from ..config import from_dict
 from .stage import GenerateConfig, run_generate
 
@@ -25,6 +26,7 @@ def register(sub) -> None:
     d.add_argument("--batch-size", type=int)
     d.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--folder", help="--generator folder: ROOT/<category name>/*.{jpg,jpeg,png,webp}")
+    executors.add_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -37,5 +39,6 @@ def _run(args) -> int:
         "num_categories": args.num_categories, "images_per_category": args.images_per_category,
         "image_size": args.image_size, "seed": args.seed, "maxcount": args.maxcount,
         "diffusers": diffusers, "folder": {"root": args.folder or ""}}, "generate")
-    print(json.dumps(run_generate(cfg), indent=1))
+    summary = run_generate(cfg, executor=executors.from_arguments(args), overwrite=args.overwrite)
+    print(json.dumps(summary, indent=1))
     return 0

@@ -1,10 +1,13 @@
 """Stage 1 driver: (category, index) work items -> generator -> image shards.
 
-Work items are numbered category-major (position = category slot * images_per_category + index),
-so a rerun resumes exactly where the last finished shard ended, and every image's seed derives
-from (run seed, category id, index): the same config always yields the same shards, whatever the
-batch size. A generator (procedural, diffusers, folder: see base.py) only turns a batch of work
-items into images or failures; numbering, shards and resume live here.
+Work items are numbered category-major (position = category slot * images_per_category + index)
+and cut into fixed work units of `maxcount` positions: unit u is shard u, whatever else exists,
+so a rerun skips the units whose shard stats exist and redoes only the others. Every image's seed
+derives from (run seed, category id, index): the same config always yields the same shards,
+whatever the batch size, the executor (executors.py) or the number of workers. The run manifest
+(manifest.py) refuses a rerun with other settings before any work. A generator (procedural,
+diffusers, folder: see base.py) only turns a batch of work items into images or failures;
+numbering, units, shards and resume live here.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Literal
 
-from tqdm import tqdm
-
 from .. import errors, formats, urls
 from ..config import ConfigError, check
-from ..shards import ShardWriter, check_output_pattern
+from ..executors import ExecutorConfig, run_units, start_ray, wants_gpu
+from ..manifest import file_fingerprint, open_run, settings_of
+from ..remote import check_location
+from ..shards import ShardWriter, check_output_pattern, unit_finished
 from . import procedural
 from .base import Failure, Generator, WorkItem
 from .folder import FolderConfig, FolderGenerator
@@ -103,13 +107,38 @@ def make_generator(cfg: GenerateConfig, categories: list[tuple[int, str]]) -> Ge
     return procedural.ProceduralGenerator(cfg.seed, cfg.image_size)
 
 
-def _work_items(cfg: GenerateConfig, cats: list[tuple[int, str]], counts: list[int],
-                start: int) -> Iterator[WorkItem]:
+@dataclass(frozen=True)
+class GenerateUnit:
+    """Positions [start, end) of the category-major numbering, written as shard `shard`.
+
+    Position = category slot * images_per_category + index, so a unit is a fixed set of
+    (category, index range) pairs whatever else exists; unit u covers maxcount positions.
+    """
+
+    key: str
+    shard: int
+    start: int
+    end: int
+
+
+def plan_units(cfg: GenerateConfig, num_categories: int) -> list[GenerateUnit]:
+    total = num_categories * cfg.images_per_category
+    return [GenerateUnit(f"positions-{a:09d}-{min(a + cfg.maxcount, total):09d}", u, a,
+                         min(a + cfg.maxcount, total))
+            for u, a in enumerate(range(0, total, cfg.maxcount))]
+
+
+def _unit_items(cfg: GenerateConfig, cats: list[tuple[int, str]], counts: list[int],
+                unit: GenerateUnit) -> list[WorkItem]:
     per = cfg.images_per_category
-    for slot, ((cat_id, name), n) in enumerate(zip(cats, counts, strict=True)):
-        prompt = cfg.prompt_template.format(name=name.replace("_", " "))
-        for index in range(max(0, start - slot * per), n):
-            yield WorkItem(slot * per + index, cat_id, name, index, prompt)
+    items = []
+    for position in range(unit.start, unit.end):
+        slot, index = divmod(position, per)
+        if index < counts[slot]:
+            cat_id, name = cats[slot]
+            prompt = cfg.prompt_template.format(name=name.replace("_", " "))
+            items.append(WorkItem(position, cat_id, name, index, prompt))
+    return items
 
 
 def _batches(items: Iterable[WorkItem], size: int) -> Iterator[list[WorkItem]]:
@@ -118,43 +147,108 @@ def _batches(items: Iterable[WorkItem], size: int) -> Iterator[list[WorkItem]]:
         yield batch
 
 
+# settings that do not change what the shards hold
+RUNTIME_SETTINGS = ("output", "diffusers.device", "diffusers.batch_size", "diffusers.local_files_only")
+
+
+def run_settings(cfg: GenerateConfig) -> dict:
+    """What the run manifest fingerprints: the config without runtime knobs, and the
+    categories file by content."""
+    settings = settings_of(cfg, RUNTIME_SETTINGS)
+    for other in {"diffusers", "folder"} - {cfg.generator}:  # another generator's table shapes nothing
+        settings.pop(other)
+    if cfg.categories is not None:
+        settings["categories_sha256"] = file_fingerprint(cfg.categories)
+    return settings
+
+
+@dataclass
+class GenerateJob:
+    """What every worker needs to run generate units (picklable: sent to processes and actors)."""
+
+    cfg: GenerateConfig
+    cats: list[tuple[int, str]]
+    counts: list[int]
+    fingerprint: str
+    num_gpus: float = 0.0
+
+    def setup(self) -> Generator:
+        return make_generator(self.cfg, self.cats)
+
+    def run(self, gen: Generator, unit: GenerateUnit) -> dict:
+        return generate_unit(self, gen, unit)
+
+
+def generate_unit(job: GenerateJob, gen: Generator, unit: GenerateUnit) -> dict:
+    """One work unit -> exactly its shard (and stats); the same under every executor."""
+    cfg = job.cfg
+    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=job.fingerprint)
+    writer.start_unit(unit.shard, unit.start, unit.key)
+    try:
+        _generate_items(cfg, gen, writer, _unit_items(cfg, job.cats, job.counts, unit))
+        return writer.finish_unit(unit.end)
+    except BaseException:
+        writer.abort_unit()
+        raise
+
+
+def _generate_items(cfg: GenerateConfig, gen: Generator, writer: ShardWriter,
+                    items: list[WorkItem]) -> None:
+    for batch in _batches(items, gen.batch_size):
+        for item, result in zip(batch, gen.generate(batch), strict=True):
+            key = formats.image_key(item.category_id, item.index)
+            if isinstance(result, Failure):
+                writer.fail(item.position, result.reason, result.detail,
+                            source=_source(gen, item), key=key)
+                continue
+            height, width = result.rgb.shape[:2]
+            meta = {"category_id": item.category_id, "category": item.category,
+                    "prompt": item.prompt, "seed": cfg.seed, "generator": gen.name,
+                    "width": width, "height": height, **result.meta}
+            writer.add(item.position, formats.image_sample(
+                key, formats.encode_jpeg(result.rgb, cfg.jpeg_quality), **meta))
+
+
 def run_generate(cfg: GenerateConfig, progress: bool = True,
-                 generator: Generator | None = None) -> dict:
+                 generator: Generator | None = None, executor: ExecutorConfig | None = None,
+                 overwrite: bool = False) -> dict:
     """Generate up to `images_per_category` images for every category; returns shard totals.
 
-    `generator` overrides the one the config names (benchmarks pass a prebuilt pipeline).
-    Everything that can be checked is checked before work: config, categories, and (when work
-    is left: a finished run needs no model) the model and its device.
+    `generator` overrides the one the config names (benchmarks pass a prebuilt pipeline; local
+    executor with one worker only). Everything that can be checked is checked before work:
+    config, categories, the run manifest (a rerun with other settings is refused), the executor,
+    and (when work is left: a finished run needs no model) the model and its device.
     """
     check(cfg, "generate")
+    executor = executor or ExecutorConfig()
+    check(executor, "generate")
+    if generator is not None and (executor.executor != "local" or executor.workers != 1):
+        raise ConfigError("generate: a prebuilt generator runs only with the local executor, 1 worker")
     cats = _categories(cfg)
+    check_location(cfg.output)
+    run = open_run("generate", cfg.output, run_settings(cfg), overwrite=overwrite)
     gen = generator if generator is not None else make_generator(cfg, cats)
     per = cfg.images_per_category
     counts = [per if (n := gen.available(name)) is None else min(per, n) for _, name in cats]
-    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize)
-    start = writer.resume()
-    done = sum(min(n, max(0, start - slot * per)) for slot, n in enumerate(counts))
-    if generator is None and done < sum(counts):
+    units = plan_units(cfg, len(cats))
+    todo = [u for u in units if not unit_finished(cfg.output, u.key, u.shard, run.fingerprint)]
+    if todo and generator is None:
         _check_model_before_work(cfg)
-    with tqdm(total=sum(counts), initial=done, desc="generate", unit="img",
-              disable=not progress) as bar:
-        for batch in _batches(_work_items(cfg, cats, counts, start), gen.batch_size):
-            for item, result in zip(batch, gen.generate(batch), strict=True):
-                key = formats.image_key(item.category_id, item.index)
-                if isinstance(result, Failure):
-                    writer.fail(item.position, result.reason, result.detail,
-                                source=_source(gen, item), key=key)
-                    continue
-                height, width = result.rgb.shape[:2]
-                meta = {"category_id": item.category_id, "category": item.category,
-                        "prompt": item.prompt, "seed": cfg.seed, "generator": gen.name,
-                        "width": width, "height": height, **result.meta}
-                writer.add(item.position, formats.image_sample(
-                    key, formats.encode_jpeg(result.rgb, cfg.jpeg_quality), **meta))
-            bar.update(len(batch))
+        if executor.executor == "ray":
+            start_ray(executor.ray_address)
+    gpus = 1.0 if cfg.generator == "diffusers" and wants_gpu(cfg.diffusers.device) else 0.0
+    run.save()
+    job = GenerateJob(cfg, cats, counts, run.fingerprint, gpus)
+    in_process = executor.executor == "local" and executor.workers == 1
+    run_units(job, todo, executor, stage="generate", progress=progress,
+              context=gen if in_process else None,
+              weights=[max(1, sum(1 for _ in _unit_items(cfg, cats, counts, u))) for u in todo])
+    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=run.fingerprint)
+    writer.gather([u.shard for u in units])
     summary = writer.close()
     errors.record(writer.outcome("generate", summary))
-    return {**summary, "generator": gen.name, **gen.report()}
+    return {**summary, "generator": gen.name, "units": len(units), "units_run": len(todo),
+            "executor": executor.executor, "workers": executor.workers, **gen.report()}
 
 
 def _check_model_before_work(cfg: GenerateConfig) -> None:

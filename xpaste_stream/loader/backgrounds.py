@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import formats, urls
+from .. import formats, remote, urls
 from ..shards import dali_index_path
 from .order import fingerprint
 
@@ -121,8 +121,9 @@ class ShardFiles:
         off = int(index.offset[component][i])
         with self._lock:
             handle = self._handle(url)
-            data = os.pread(handle, size, off) if isinstance(handle, int) else \
-                handle.cat_file(url, start=off, end=off + size)
+            data = os.pread(handle, size, off) if isinstance(handle, int) else None
+        if data is None:  # remote: bounded block cache + retries (xpaste_stream/remote.py)
+            data = remote.read_range(url, off, size)
         if len(data) != size:
             raise formats.FormatError(f"{component}: {len(data)} of {size} bytes readable "
                                       "(truncated shard?)")

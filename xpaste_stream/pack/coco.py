@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .. import errors, formats, urls
 from ..config import ConfigError, check
+from ..manifest import open_run, settings_of
 from ..shards import ShardWriter, check_output_pattern
 
 LVIS_RARE_MAX, LVIS_COMMON_MAX = 10, 100  # LVIS frequency groups by training image count
@@ -284,10 +285,22 @@ def _sort_key(image: dict):
     return (0, image_id, "") if isinstance(image_id, int) else (1, 0, repr(image_id))
 
 
-def run_pack_coco(cfg: PackCocoConfig, progress: bool = True) -> dict:
+def run_settings(cfg: PackCocoConfig) -> dict:
+    """What the run manifest fingerprints: the annotation file by location and size (an LVIS
+    json is too big to hash on every run), the image folder, every rule that shapes shards."""
+    settings = settings_of(cfg, ("output", "categories_out", "workers", "annotations", "images"))
+    settings.update(annotations=os.path.abspath(cfg.annotations),
+                    annotations_bytes=os.path.getsize(cfg.annotations),
+                    images=os.path.abspath(cfg.images))
+    return settings
+
+
+def run_pack_coco(cfg: PackCocoConfig, progress: bool = True, overwrite: bool = False) -> dict:
     check(cfg, "pack-coco")
     cfg.check_inputs()
+    run = open_run("pack-coco", cfg.output, run_settings(cfg), overwrite=overwrite)
     ds, is_lvis = load_dataset(cfg.annotations)
+    run.save()  # the inputs are readable: work starts
     images = sorted(ds.dataset["images"], key=_sort_key)
     anns_of: dict = {}
     for a in ds.dataset["annotations"]:
@@ -298,7 +311,7 @@ def run_pack_coco(cfg: PackCocoConfig, progress: bool = True) -> dict:
             cfg.workers, initializer=errors.quiet_worker)) if cfg.workers > 1 else None
         checks = _check_all(images, anns_of, known, cfg, pool, progress)
         summary = _pack_all(images, anns_of, checks, is_lvis, ds.dataset["categories"], cfg, pool,
-                            progress)
+                            progress, run.fingerprint)
     return summary
 
 
@@ -316,7 +329,7 @@ def _check_all(images: list[dict], anns_of: dict, known: set, cfg: PackCocoConfi
 
 
 def _pack_all(images: list[dict], anns_of: dict, checks: list[ImageCheck], is_lvis: bool,
-              categories: list[dict], cfg: PackCocoConfig, pool, progress: bool) -> dict:
+              categories: list[dict], cfg: PackCocoConfig, pool, progress: bool, run: str) -> dict:
     """categories.json over the images that pass, then pass 2: pack them."""
     packed = [(im, [anns_of[im["id"]][i] for i in c.kept]) for im, c in zip(images, checks, strict=True)
               if c.failure is None]
@@ -328,7 +341,7 @@ def _pack_all(images: list[dict], anns_of: dict, checks: list[ImageCheck], is_lv
     urls.write_bytes(cfg.categories_path(), json.dumps(doc, indent=1).encode())
 
     repeat_factors = {c["id"]: c["repeat_factor"] for c in table}
-    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize)
+    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=run)
     start = writer.resume()
     todo = list(enumerate(zip(images, checks, strict=True)))[start:]
     tasks = ((im, [anns_of[im["id"]][i] for i in c.kept], cfg.images, repeat_factors)

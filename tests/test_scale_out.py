@@ -1,0 +1,180 @@
+"""Stages that scale out: run manifests, work units with identity, executors (local and Ray)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+
+from xpaste_stream import formats, shards
+from xpaste_stream.cli import main
+from xpaste_stream.config import ConfigError
+from xpaste_stream.executors import FAIL_ONCE_ENV, ExecutorConfig, UnitsFailed
+from xpaste_stream.extract import ExtractConfig, run_extract
+from xpaste_stream.generate import GenerateConfig, run_generate
+from xpaste_stream.generate.text2image import DiffusersConfig
+from xpaste_stream.inspect import inspect_shards
+from xpaste_stream.manifest import manifest_path
+
+
+def gen_config(folder, **kw) -> GenerateConfig:
+    settings = {"output": str(folder / "gen-{shard:04d}.tar"), "num_categories": 3,
+                "images_per_category": 4, "image_size": 64, "maxcount": 4, **kw}
+    return GenerateConfig(**settings)
+
+
+def ext_config(inputs, folder, **kw) -> ExtractConfig:
+    return ExtractConfig(inputs=[inputs], output=str(folder / "inst-{shard:04d}.tar"), maxcount=4,
+                         batch_size=3, **kw)
+
+
+def keys_of(folder, prefix: str) -> list[str]:
+    return [s["__key__"] for p in sorted(glob.glob(str(folder / f"{prefix}-*.tar")))
+            for s in shards.iter_tar(p)]
+
+
+def shard_bytes(folder, prefix: str) -> dict[str, bytes]:
+    """Every shard, index and rejects tar of a set, by name: what must be byte-identical."""
+    found = {}
+    for pattern in (f"{prefix}-*.tar", f"{prefix}-*.idx", f"rejects/{prefix}-*.tar"):
+        for path in sorted(glob.glob(str(folder / pattern))):
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
+def test_rerun_with_other_settings_is_refused_naming_them(tmp_path):
+    run_generate(gen_config(tmp_path), progress=False)
+    before = shard_bytes(tmp_path, "gen")
+    with pytest.raises(ConfigError) as e:
+        run_generate(gen_config(tmp_path, images_per_category=8, seed=5), progress=False)
+    assert "images_per_category: 4 -> 8" in str(e.value) and "seed: 0 -> 5" in str(e.value)
+    assert "--overwrite" in str(e.value)
+    assert shard_bytes(tmp_path, "gen") == before  # refused before any work
+    # a setting that does not shape the shards (device, batch size) is no reason to refuse
+    run_generate(gen_config(tmp_path, diffusers=DiffusersConfig(device="cpu", batch_size=2)),
+                 progress=False)
+    # the same through the CLI: exit status 2, message on stderr
+    code = main(["generate", "-o", str(tmp_path / "gen-{shard:04d}.tar"), "--num-categories", "3",
+                 "--images-per-category", "8", "--image-size", "64", "--maxcount", "4"])
+    assert code == 2
+    # --overwrite starts over: only the new run's shards remain, nothing mixed
+    summary = run_generate(gen_config(tmp_path, images_per_category=8, seed=5), progress=False,
+                           overwrite=True)
+    assert summary["samples"] == 24 and summary["shards"] == 6
+    metas = [json.loads(s["json"]) for p in sorted(glob.glob(str(tmp_path / "gen-*.tar")))
+             for s in shards.iter_tar(p)]
+    assert {m["seed"] for m in metas} == {5} and len({formats.image_key(m["category_id"], 0)
+                                                     for m in metas}) == 3
+    report = inspect_shards(sorted(glob.glob(str(tmp_path / "gen-*.tar"))), decode=False)
+    assert not report.has_problems and not report.duplicates and not report.mixed_runs
+
+
+def test_inspect_reports_shard_sets_mixed_by_hand(tmp_path):
+    run_generate(gen_config(tmp_path / "a"), progress=False)
+    run_generate(gen_config(tmp_path / "b", seed=5), progress=False)
+    shutil.copy(tmp_path / "b" / "gen-0002.tar", tmp_path / "a" / "gen-0003.tar")
+    shutil.copy(tmp_path / "b" / "gen-0002.stats.json", tmp_path / "a" / "gen-0003.stats.json")
+    report = inspect_shards(sorted(glob.glob(str(tmp_path / "a" / "gen-*.tar"))), decode=False)
+    assert report.has_problems and report.duplicates
+    by_run = {m["run"]: m for m in report.mixed_runs}
+    assert len(by_run) == 2
+    assert sorted(m["shards"] for m in by_run.values()) == [1, 3]
+    assert sorted(str(m["manifest"]) for m in by_run.values()) == \
+        sorted([manifest_path(str(tmp_path / "a" / "gen-{shard:04d}.tar")), "None"])
+
+
+def test_generate_resume_redoes_only_unfinished_units(tmp_path):
+    run_generate(gen_config(tmp_path), progress=False)
+    reference = shard_bytes(tmp_path, "gen")
+    first = tmp_path / "gen-0000.tar"
+    before = os.stat(first).st_mtime_ns
+    os.remove(shards.stats_path(str(tmp_path / "gen-0001.tar")))  # killed while finishing unit 1
+    summary = run_generate(gen_config(tmp_path), progress=False)
+    assert summary["units_run"] == 1 and summary["samples"] == 12
+    assert os.stat(first).st_mtime_ns == before and shard_bytes(tmp_path, "gen") == reference
+
+
+def test_extract_input_missing_then_returned_gives_no_duplicate_and_no_gap(tmp_path):
+    run_generate(gen_config(tmp_path / "img"), progress=False)
+    away = tmp_path / "away"
+    away.mkdir()
+    for suffix in (".tar", ".idx", ".stats.json"):  # shard 1 is briefly missing
+        shutil.move(tmp_path / "img" / f"gen-0001{suffix}", away / f"gen-0001{suffix}")
+    cfg = ext_config(str(tmp_path / "img" / "gen-*.tar"), tmp_path / "inst")
+    first = run_extract(cfg, progress=False)
+    assert first["samples"] + first["failed"] == 8
+    for suffix in (".tar", ".idx", ".stats.json"):
+        shutil.move(away / f"gen-0001{suffix}", tmp_path / "img" / f"gen-0001{suffix}")
+    second = run_extract(cfg, progress=False)
+    assert second["units_run"] == 1 and second["samples"] + second["failed"] == 12
+    got = keys_of(tmp_path / "inst", "inst")
+    failed = [r["key"] for p in glob.glob(str(tmp_path / "inst" / "inst-*.stats.json"))
+              for r in json.load(open(p))["failed_samples"]]
+    assert len(got) == len(set(got))  # no duplicate
+    assert sorted(got + failed) == sorted(keys_of(tmp_path / "img", "gen"))  # no gap
+    # a run with one input gone lists it, keeps its instances, and writes nothing twice
+    os.remove(tmp_path / "img" / "gen-0002.tar")
+    third = run_extract(cfg, progress=False)
+    assert third["absent_inputs"] == [str(tmp_path / "img" / "gen-0002.tar")]
+    assert third["units_run"] == 0 and keys_of(tmp_path / "inst", "inst") == got
+    # an input that changed since it was extracted is refused before work
+    run_generate(gen_config(tmp_path / "img", image_size=96), progress=False, overwrite=True)
+    with pytest.raises(ConfigError, match="input shards changed since they were extracted"):
+        run_extract(cfg, progress=False)
+
+
+def test_a_failing_unit_is_retried_then_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"positions-000000004-000000008@{tmp_path / 'failed-once'}")
+    summary = run_generate(gen_config(tmp_path / "a"), progress=False)
+    assert (tmp_path / "failed-once").exists() and summary["samples"] == 12
+    # with no retries left the unit is reported by name and the others are kept
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"positions-000000004-000000008@{tmp_path / 'failed-twice'}")
+    with pytest.raises(UnitsFailed, match="positions-000000004-000000008: RuntimeError"):
+        run_generate(gen_config(tmp_path / "b"), progress=False, executor=ExecutorConfig(retries=0))
+    assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "b" / "*.stats.json"))) == \
+        ["gen-0000.stats.json", "gen-0002.stats.json"]
+    monkeypatch.delenv(FAIL_ONCE_ENV)
+    assert run_generate(gen_config(tmp_path / "b"), progress=False)["units_run"] == 1
+    assert shard_bytes(tmp_path / "b", "gen") == shard_bytes(tmp_path / "a", "gen")
+
+
+def test_unreachable_ray_address_is_refused_before_work(tmp_path):
+    pytest.importorskip("ray")
+    cfg = gen_config(tmp_path)
+    with pytest.raises(ConfigError, match="no Ray cluster answers there"):
+        run_generate(cfg, progress=False,
+                     executor=ExecutorConfig(executor="ray", ray_address="127.0.0.1:9"))
+    assert not glob.glob(str(tmp_path / "*"))
+    code = main(["extract", str(tmp_path / "x.tar"), "-o", str(tmp_path / "i-{shard:02d}.tar"),
+                 "--executor", "ray", "--ray-address", "ray://127.0.0.1:9"])
+    assert code == 2
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_writes_the_same_bytes_as_local(tmp_path, ray_local, monkeypatch):
+    ray_exec = ExecutorConfig(executor="ray", workers=2)
+    run_generate(gen_config(tmp_path / "local"), progress=False)
+    # unit 1 fails once on its actor and is retried there
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"positions-000000004-000000008@{tmp_path / 'failed-once'}")
+    summary = run_generate(gen_config(tmp_path / "ray"), progress=False, executor=ray_exec)
+    assert (tmp_path / "failed-once").exists() and summary["samples"] == 12
+    monkeypatch.delenv(FAIL_ONCE_ENV)
+    assert shard_bytes(tmp_path / "ray", "gen") == shard_bytes(tmp_path / "local", "gen")
+
+    inputs = str(tmp_path / "local" / "gen-*.tar")
+    run_extract(ext_config(inputs, tmp_path / "inst-local"), progress=False)
+    summary = run_extract(ext_config(inputs, tmp_path / "inst-ray"), progress=False, executor=ray_exec)
+    assert summary["units"] == 3 and summary["executor"] == "ray"
+    local, remote = shard_bytes(tmp_path / "inst-local", "inst"), shard_bytes(tmp_path / "inst-ray", "inst")
+    assert len(local) >= 6 and remote == local

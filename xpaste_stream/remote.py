@@ -1,0 +1,140 @@
+"""Ranged reads of shards on object storage: a bounded block cache and retries with backoff.
+
+The loader (backgrounds) and the bank (instances) read small members of remote shards by
+(offset, size). Each read goes through `read_range`: the file is read in aligned blocks of
+`block_size` bytes (one request brings the neighbours of a member too: read-ahead), kept in
+a per-process LRU cache bounded by `cache_bytes` (least recently used blocks evicted first),
+and a request that fails with a transient error (connection reset, timeout, a 5xx turned into
+OSError by the fsspec backend) is retried `retries` times with exponential backoff. Missing
+files and refused credentials are not transient: they raise at once.
+
+`check_location` turns a missing bucket or missing credentials into a ConfigError before work.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from . import urls
+from .config import ConfigError
+
+NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+@dataclass
+class RemoteConfig:
+    cache_bytes: int = int(os.environ.get("XPASTE_REMOTE_CACHE_BYTES", 512 << 20))
+    block_size: int = int(os.environ.get("XPASTE_REMOTE_BLOCK_BYTES", 1 << 20))
+    retries: int = 4
+    backoff_s: float = 0.1  # first wait; doubles per retry
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.cache_bytes < self.block_size:
+            raise ValueError(f"need block_size >= 1 and cache_bytes >= block_size, got "
+                             f"{self.block_size} and {self.cache_bytes}")
+        if self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("retries and backoff_s must be >= 0")
+
+
+class BlockCache:
+    """Blocks of remote files in an LRU bounded by bytes; thread-safe, one per process."""
+
+    def __init__(self, cfg: RemoteConfig | None = None, fs_of=None):
+        self.cfg = cfg or RemoteConfig()
+        self.cfg.validate()
+        self._fs_of = fs_of or _filesystem
+        self._blocks: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = self.misses = self.retried = self.evicted = 0
+
+    def read(self, url: str, offset: int, size: int) -> bytes:
+        bs = self.cfg.block_size
+        first, last = offset // bs, (offset + max(size, 1) - 1) // bs
+        data = b"".join(self._block(url, b) for b in range(first, last + 1))
+        start = offset - first * bs
+        return data[start:start + size]
+
+    def _block(self, url: str, block: int) -> bytes:
+        key = (url, block)
+        with self._lock:
+            data = self._blocks.get(key)
+            if data is not None:
+                self._blocks.move_to_end(key)
+                self.hits += 1
+                return data
+            self.misses += 1
+        data = self._fetch(url, block)
+        with self._lock:
+            if key not in self._blocks:
+                self._blocks[key] = data
+                self.bytes += len(data)
+            while self.bytes > self.cfg.cache_bytes and len(self._blocks) > 1:
+                _, old = self._blocks.popitem(last=False)
+                self.bytes -= len(old)
+                self.evicted += 1
+        return data
+
+    def _fetch(self, url: str, block: int) -> bytes:
+        fs, path = self._fs_of(url)
+        bs = self.cfg.block_size
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return fs.cat_file(path, start=block * bs, end=(block + 1) * bs)
+            except NOT_TRANSIENT:
+                raise
+            except (OSError, TimeoutError, ConnectionError) as e:
+                if attempt == self.cfg.retries:
+                    raise OSError(f"{url}: read of bytes {block * bs}.. failed after "
+                                  f"{attempt + 1} attempts ({type(e).__name__}: {e})") from e
+                self.retried += 1
+                time.sleep(self.cfg.backoff_s * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+
+def _filesystem(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+_CACHE: dict[int, BlockCache] = {}
+
+
+def shared_cache() -> BlockCache:
+    """This process's cache (a forked or spawned worker builds its own)."""
+    pid = os.getpid()
+    if pid not in _CACHE:
+        _CACHE.clear()
+        _CACHE[pid] = BlockCache()
+    return _CACHE[pid]
+
+
+def read_range(url: str, offset: int, size: int) -> bytes:
+    """`size` bytes of remote file `url` from `offset`, through the process's block cache."""
+    return shared_cache().read(url, offset, size)
+
+
+def check_location(url: str, what: str = "output") -> None:
+    """A remote shard location whose bucket is missing, or that the credentials cannot reach,
+    raises ConfigError naming it (before any work)."""
+    if not urls.is_remote(url):
+        return
+    try:
+        fs, path = _filesystem(url)
+        bucket = path.split("/", 1)[0]
+        found = fs.exists(bucket)
+    except (PermissionError, ValueError, OSError) as e:
+        raise ConfigError(f"{what} {url}: cannot reach its storage ({type(e).__name__}: {e}); "
+                          "check the credentials and the endpoint") from None
+    except Exception as e:  # noqa: BLE001 - backends raise their own credential errors
+        if "credential" in type(e).__name__.lower() or "credential" in str(e).lower():
+            raise ConfigError(f"{what} {url}: no credentials for its storage ({e})") from None
+        raise
+    if not found:
+        raise ConfigError(f"{what} {url}: bucket {bucket!r} does not exist (or these credentials "
+                          "cannot see it)")
