@@ -130,3 +130,52 @@ def test_missing_bucket_and_credentials_are_refused_before_work(s3, tmp_path, mo
                                     images_per_category=1, image_size=64), progress=False)
     s3.invalidate_cache()
     assert not s3.exists("shards/x")  # nothing written
+
+
+def test_loader_streams_backgrounds_and_instances_from_s3(s3, tmp_path, monkeypatch):
+    """Backgrounds (+ .idx, categories.json) and instance shards on S3, the bank indexing the
+    S3 shards: the loader reads all of it by ranged reads through a cache smaller than the data,
+    retries an injected fault, and gives the same samples with and without worker processes."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_loader_fixtures import default_backgrounds, write_backgrounds, write_bank, write_categories
+
+    from xpaste_stream.bank import build_index
+    from xpaste_stream.loader import CopyPasteLoader, PasteConfig
+
+    local_bg = tmp_path / "bg"
+    local_bg.mkdir()
+    write_backgrounds(str(local_bg), default_backgrounds(6), per_shard=3)
+    write_categories(str(local_bg), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    write_bank(str(tmp_path))
+    for path in sorted(glob.glob(str(local_bg / "*"))):
+        s3.put(path, f"shards/loader/bg/{os.path.basename(path)}")
+    for path in sorted(glob.glob(str(tmp_path / "inst" / "*.tar"))):
+        s3.put(path, f"shards/loader/inst/{os.path.basename(path)}")
+    s3.invalidate_cache()
+    bank = str(tmp_path / "s3bank")
+    build_index(urls.expand("s3://shards/loader/inst/inst-*.tar"), bank, workers=1, progress=False)
+    data_bytes = sum(s3.size(p) for p in s3.find("shards/loader"))
+
+    flaky_fs = FailingFirstReads(s3, 2)
+    small = BlockCache(RemoteConfig(cache_bytes=8192, block_size=4096, backoff_s=0.0),
+                       fs_of=lambda url: (flaky_fs, url[len("s3://"):]))
+    monkeypatch.setattr(remote, "_CACHE", {os.getpid(): small})
+    assert small.cfg.cache_bytes < data_bytes
+    paste = PasteConfig(output_size=64, max_pastes=3, min_pastes=1)
+
+    def run(workers: int) -> list:
+        with CopyPasteLoader("s3://shards/loader/bg/bg-*.tar", bank, paste, batch_size=2,
+                             workers=workers, seed=4) as loader:
+            out = [(int(b.plan.image_ids[i]), b.plan.ids[i].tolist(), len(t["labels"]))
+                   for b in loader for i, t in enumerate(b.targets)]
+            assert loader.stats().get("backgrounds_corrupt", 0) == 0
+            return out
+
+    in_process = run(0)
+    assert len(in_process) == 6 and {i for i, _, _ in in_process} == set(range(6))
+    assert small.retried == 2 and small.evicted > 0 and small.bytes <= 8192
+    monkeypatch.setenv("XPASTE_REMOTE_CACHE_BYTES", "8192")   # the workers' own caches
+    monkeypatch.setenv("XPASTE_REMOTE_BLOCK_BYTES", "4096")
+    assert run(2) == in_process

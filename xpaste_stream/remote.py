@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import urls
 from .config import ConfigError
@@ -25,10 +25,15 @@ from .config import ConfigError
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def _env_int(name: str, default: int):
+    """Read when a config is made (not at import), so worker processes see the setting."""
+    return field(default_factory=lambda: int(os.environ.get(name, default)))
+
+
 @dataclass
 class RemoteConfig:
-    cache_bytes: int = int(os.environ.get("XPASTE_REMOTE_CACHE_BYTES", 512 << 20))
-    block_size: int = int(os.environ.get("XPASTE_REMOTE_BLOCK_BYTES", 1 << 20))
+    cache_bytes: int = _env_int("XPASTE_REMOTE_CACHE_BYTES", 512 << 20)
+    block_size: int = _env_int("XPASTE_REMOTE_BLOCK_BYTES", 1 << 20)
     retries: int = 4
     backoff_s: float = 0.1  # first wait; doubles per retry
 

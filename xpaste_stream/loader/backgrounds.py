@@ -104,12 +104,13 @@ def _read_index_text(url: str) -> str:
 
 
 class ShardFiles:
-    """Ranged reads of background components; local shards through `os.pread` on an LRU of
-    descriptors, others through fsspec. Safe to copy into worker processes (opens lazily)."""
+    """Ranged reads of background components: local shards through `os.pread` on an LRU of
+    descriptors, object storage through the process's bounded block cache with retries
+    (remote.py). Safe to copy into worker processes (opens lazily)."""
 
     def __init__(self, max_open: int = 32):
         self.max_open = max_open
-        self._open: OrderedDict[str, object] = OrderedDict()
+        self._open: OrderedDict[str, int] = OrderedDict()
         self._pid = os.getpid()
         self._lock = threading.Lock()
 
@@ -119,42 +120,33 @@ class ShardFiles:
             raise formats.FormatError(f"no {component} member")
         url = index.urls[int(index.shard[i])]
         off = int(index.offset[component][i])
-        with self._lock:
-            handle = self._handle(url)
-            data = os.pread(handle, size, off) if isinstance(handle, int) else None
-        if data is None:  # remote: bounded block cache + retries (xpaste_stream/remote.py)
+        if urls.is_remote(url):
             data = remote.read_range(url, off, size)
+        else:
+            with self._lock:
+                data = os.pread(self._descriptor(url), size, off)
         if len(data) != size:
             raise formats.FormatError(f"{component}: {len(data)} of {size} bytes readable "
                                       "(truncated shard?)")
         return data
 
-    def _handle(self, url: str):
+    def _descriptor(self, url: str) -> int:
         if self._pid != os.getpid():  # a forked child: the parent's descriptors are not ours
             self._open.clear()
             self._pid = os.getpid()
-        handle = self._open.get(url)
-        if handle is None:
-            if urls.is_remote(url):
-                import fsspec
-
-                handle = fsspec.core.url_to_fs(url)[0]
-            else:
-                handle = os.open(urls.local_path(url), os.O_RDONLY)
-            self._open[url] = handle
+        fd = self._open.get(url)
+        if fd is None:
+            fd = self._open[url] = os.open(urls.local_path(url), os.O_RDONLY)
             if len(self._open) > self.max_open:
-                _, old = self._open.popitem(last=False)
-                if isinstance(old, int):
-                    os.close(old)
+                os.close(self._open.popitem(last=False)[1])
         self._open.move_to_end(url)
-        return handle
+        return fd
 
     def close(self) -> None:
         with self._lock:
             if self._pid == os.getpid():
-                for handle in self._open.values():
-                    if isinstance(handle, int):
-                        os.close(handle)
+                for fd in self._open.values():
+                    os.close(fd)
             self._open.clear()
 
     def __getstate__(self) -> dict:
