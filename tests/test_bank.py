@@ -406,3 +406,35 @@ def test_describe_bank(bank, tmp_path):
     png = os.path.join(bank.path, "instances_per_category.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bank_moved_with_its_shards_or_re_rooted_keeps_reading(tmp_path):
+    """A bank copied together with its shards (new mtimes) finds them relative to itself;
+    shards moved elsewhere are found with `shard_root`; a shard of another size is refused."""
+    src = tmp_path / "a"
+    (src / "inst").mkdir(parents=True)
+    paths = write_shards(src / "inst", standard_samples()[:12], per_shard=5)
+    build_index(paths, str(src / "bank"), workers=1, progress=False)
+    before = [InstanceBank.open(str(src / "bank")).read(i) for i in range(12)]
+
+    shutil.copytree(src, tmp_path / "b")
+    for p in (tmp_path / "b" / "inst").glob("*.tar"):  # a plain copy: new mtimes
+        os.utime(p, None)
+    shutil.rmtree(src)
+    moved = InstanceBank.open(str(tmp_path / "b" / "bank"))
+    assert [moved.read(i) for i in range(12)] == before
+
+    elsewhere = tmp_path / "c" / "deep"
+    shutil.copytree(tmp_path / "b" / "inst", elsewhere)
+    shutil.rmtree(tmp_path / "b" / "inst")
+    with pytest.raises(BankError, match="vanished"):
+        InstanceBank.open(str(tmp_path / "b" / "bank")).read(0)
+    rerooted = InstanceBank.open(str(tmp_path / "b" / "bank"), shard_root=str(elsewhere))
+    assert [rerooted.read(i) for i in range(12)] == before
+    assert pickle.loads(pickle.dumps(rerooted)).read(3) == before[3]  # workers keep the root
+    first = sorted(elsewhere.glob("*.tar"))[0]
+    with open(first, "ab") as f:
+        f.write(b"\0" * 1024)
+    grown = InstanceBank.open(str(tmp_path / "b" / "bank"), shard_root=str(elsewhere))
+    with pytest.raises(BankError, match="not the same shard"):
+        [grown.read(i) for i in range(12)]

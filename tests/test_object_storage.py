@@ -179,3 +179,12 @@ def test_loader_streams_backgrounds_and_instances_from_s3(s3, tmp_path, monkeypa
     monkeypatch.setenv("XPASTE_REMOTE_CACHE_BYTES", "8192")   # the workers' own caches
     monkeypatch.setenv("XPASTE_REMOTE_BLOCK_BYTES", "4096")
     assert run(2) == in_process
+
+    # a bank indexed on local disk, its shards since uploaded: re-rooted onto the bucket
+    from xpaste_stream.bank import InstanceBank
+
+    local, moved = InstanceBank.open(str(tmp_path / "bank")), InstanceBank.open(
+        str(tmp_path / "bank"), shard_root="s3://shards/loader/inst")
+    assert moved.shards[0]["path"].startswith("s3://shards/loader/inst/")
+    assert [moved.read(i) for i in range(moved.num_instances)] == \
+        [local.read(i) for i in range(local.num_instances)]

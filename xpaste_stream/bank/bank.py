@@ -20,7 +20,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .layout import CATEGORY_FILES, COLUMNS, BankError, column_path, read_manifest
-from .sources import open_shard
+from .sources import locate_shards, open_shard
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # When the mask starts at most this far after the jpg ends, both are fetched in one read.
@@ -32,11 +32,12 @@ class InstanceBank:
     category; ids from `num_instances` up to `num_indexed` are dropped near-duplicates (readable,
     never drawn)."""
 
-    def __init__(self, path: str, max_open_files: int = 64):
+    def __init__(self, path: str, max_open_files: int = 64, shard_root: str | None = None):
         self.path = os.path.abspath(path)
         self.max_open_files = max_open_files
+        self.shard_root = shard_root
         self.manifest = read_manifest(self.path)
-        self.shards: list[dict] = self.manifest["shards"]
+        self.shards: list[dict] = locate_shards(self.path, self.manifest, shard_root)
         self.num_instances: int = self.manifest["num_instances"]
         self.num_indexed: int = self.manifest["num_indexed"]
         self._columns = {name: self._load(name) for name in COLUMNS}
@@ -47,8 +48,12 @@ class InstanceBank:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str, max_open_files: int = 64) -> InstanceBank:
-        return cls(path, max_open_files)
+    def open(cls, path: str, max_open_files: int = 64, shard_root: str | None = None) -> InstanceBank:
+        """`shard_root`: where the shards are now, when they moved (local folder or URL): each
+        shard is looked up at the same place relative to it as it was to the shards' common
+        folder at indexing time. Without it, shards are found where they were indexed or, when
+        bank and shards were moved or copied together, at the same place relative to the bank."""
+        return cls(path, max_open_files, shard_root)
 
     def _load(self, name: str) -> np.ndarray:
         try:
@@ -164,10 +169,11 @@ class InstanceBank:
     # -- pickling: a path, reopened in the receiving process --------------------------------
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "max_open_files": self.max_open_files}
+        return {"path": self.path, "max_open_files": self.max_open_files,
+                "shard_root": self.shard_root}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["max_open_files"])
+        self.__init__(state["path"], state["max_open_files"], state.get("shard_root"))
 
     def __repr__(self) -> str:
         return (f"InstanceBank({self.path!r}: {self.num_instances} instances, "

@@ -34,7 +34,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .. import errors
+from .. import errors, urls
 from ..formats import INSTANCE_SCHEMAS
 from ..shards import resolve_inputs
 from . import sources
@@ -94,7 +94,9 @@ def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool =
             if truncated:
                 rejects.append(errors.Reject("shard", paths[i], None, "truncated_shard", scan.truncated))
             rejects += scan.skipped
-        table.append({**ident, "instances": len(rows), "truncated": truncated, "skipped": skipped})
+        table.append({**ident, "instances": len(rows), "truncated": truncated, "skipped": skipped,
+                      **({} if urls.is_remote(ident["path"]) else
+                         {"bank_relpath": os.path.relpath(ident["path"], os.path.abspath(out_dir))})})
         per_shard.append(rows)
 
     rows, shard = _concat(per_shard)
@@ -264,4 +266,5 @@ def _manifest(table: list[dict], num_indexed: int, num_kept: int, num_categories
                       "dropped": num_duplicates},
             "clip_filter": clip_filter,
             "block_size": 512, "columns": columns, "shards": table,
+            "shard_root": sources.common_folder([e["path"] for e in table]) if table else None,
             "truncated": [e["path"] for e in table if e["truncated"]]}

@@ -35,13 +35,53 @@ def same_identity(a: dict, b: dict) -> bool:
 
 
 def check_unchanged(entry: dict, found: dict) -> None:
-    """Raise naming the shard when it no longer is the file the bank indexed."""
+    """Raise naming the shard when it no longer is the file the bank indexed. A relocated shard
+    (moved or copied: a copy has a new mtime and, across stores, a new ETag) is checked by size."""
+    if entry.get("relocated_from"):
+        if entry["size"] == found["size"]:
+            return
+        raise BankError(f"shard {entry['path']} (indexed as {entry['relocated_from']}) has "
+                        f"{found['size']} bytes, the bank indexed {entry['size']}: not the same "
+                        "shard; rebuild the bank with `xpaste-stream index`")
     if same_identity(entry, found):
         return
     changes = ", ".join(f"{k} {entry.get(k)} -> {found.get(k)}" for k in ("size", "mtime_ns", "etag")
                         if entry.get(k) != found.get(k))
     raise BankError(f"shard {entry['path']} changed since the bank was indexed ({changes}); "
                     "rebuild the bank with `xpaste-stream index`")
+
+
+def common_folder(paths: list[str]) -> str:
+    """The deepest folder (or URL prefix) holding every path."""
+    parts = [p.split("/")[:-1] for p in paths]
+    common = []
+    for level in zip(*parts, strict=False):
+        if any(x != level[0] for x in level):
+            break
+        common.append(level[0])
+    return "/".join(common)
+
+
+def locate_shards(bank_dir: str, manifest: dict, shard_root: str | None) -> list[dict]:
+    """The manifest's shard entries with `path` where each shard is now (see
+    `InstanceBank.open`); a moved entry keeps its indexed path in `relocated_from`."""
+    entries = manifest["shards"]
+    if not entries:
+        return entries
+    root = manifest.get("shard_root") or common_folder([e["path"] for e in entries])
+    located = []
+    for e in entries:
+        rel = e["path"][len(root):].lstrip("/") if e["path"].startswith(root) else os.path.basename(e["path"])
+        if shard_root is not None:
+            where = shard_root.rstrip("/") + "/" + rel
+        elif urls.is_remote(e["path"]) or os.path.exists(e["path"]) or "bank_relpath" not in e:
+            where = e["path"]
+        else:  # bank and shards moved together
+            where = os.path.normpath(os.path.join(bank_dir, e["bank_relpath"]))
+        if not urls.is_remote(where):
+            where = os.path.abspath(urls.local_path(where))
+        located.append(e if where == e["path"] else {**e, "path": where, "relocated_from": e["path"]})
+    return located
 
 
 def _remote_info(url: str) -> dict:
