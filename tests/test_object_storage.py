@@ -117,6 +117,10 @@ def test_missing_bucket_and_credentials_are_refused_before_work(s3, tmp_path, mo
                          images_per_category=1, image_size=64)
     with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist"):
         run_generate(gen, progress=False)
+    from xpaste_stream.bank import build_index
+
+    with pytest.raises(ConfigError, match="input shard s3://no-such-bucket/inst-0.tar: bucket"):
+        build_index(["s3://no-such-bucket/inst-0.tar"], str(tmp_path / "bank"), progress=False)
     conf = dict(fsspec.config.conf["s3"])
     conf.pop("key"), conf.pop("secret")
     monkeypatch.setitem(fsspec.config.conf, "s3", conf)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .. import errors, urls
 from ..formats import INSTANCE_SCHEMAS
+from ..remote import check_location
 from ..shards import resolve_inputs
 from . import sources
 from .layout import (
@@ -69,6 +70,8 @@ def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool =
     paths = list(dict.fromkeys(sources.normalise(s) for s in shards))
     if not paths:
         raise BankError("no shards to index")
+    for path in paths[:1]:  # a missing bucket or credentials: one clear error before work
+        check_location(path, "input shard")
     identities = [sources.identity(p) for p in paths]
     previous = _previous_rows(out_dir, need_hashes=dedup)
     reused = {i: previous[ident["path"]] for i, ident in enumerate(identities)

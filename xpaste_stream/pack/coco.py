@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .. import errors, formats, urls
 from ..config import ConfigError, check
 from ..manifest import open_run, settings_of
+from ..remote import check_location
 from ..shards import ShardWriter, check_output_pattern
 
 LVIS_RARE_MAX, LVIS_COMMON_MAX = 10, 100  # LVIS frequency groups by training image count
@@ -298,6 +299,7 @@ def run_settings(cfg: PackCocoConfig) -> dict:
 def run_pack_coco(cfg: PackCocoConfig, progress: bool = True, overwrite: bool = False) -> dict:
     check(cfg, "pack-coco")
     cfg.check_inputs()
+    check_location(cfg.output)
     run = open_run("pack-coco", cfg.output, run_settings(cfg), overwrite=overwrite)
     ds, is_lvis = load_dataset(cfg.annotations)
     run.save()  # the inputs are readable: work starts

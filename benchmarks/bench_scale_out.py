@@ -1,0 +1,140 @@
+"""Scale-out figures, one command:
+
+    python3 benchmarks/bench_scale_out.py [--images-per-category 150] [--batches 20]
+
+1. generate (procedural, 256 px, 8 categories) and extract (plain-background, no CLIP) with
+   the local executor, 1 vs 2 worker processes, same settings (fresh folders; two runs each,
+   alternating, the fastest kept; process start-up included, as a user pays it);
+2. the loader (CPU, 640 LSJ, U{0..19} pastes, 2 workers) on the same background and instance
+   shards from local disk vs from a local S3-compatible server (moto, 127.0.0.1), the bank
+   re-rooted onto the bucket, through the block cache (remote.py).
+Writes benchmarks/results/scale-out-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def timed(fn) -> tuple[float, dict]:
+    started = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - started, out
+
+
+def stages(work: str, images_per_category: int, repeats: int = 2) -> dict:
+    from xpaste_stream.executors import ExecutorConfig
+    from xpaste_stream.extract import ExtractConfig, run_extract
+    from xpaste_stream.generate import GenerateConfig, run_generate
+
+    runs: dict = {}
+    for _ in range(repeats):  # alternating, fresh folders; the fastest run of each is kept
+        for workers in (1, 2):
+            folder = os.path.join(work, f"stages-{workers}")
+            shutil.rmtree(folder, ignore_errors=True)
+            gen = GenerateConfig(output=os.path.join(folder, "gen", "gen-{shard:06d}.tar"),
+                                 num_categories=8, images_per_category=images_per_category,
+                                 image_size=256, maxcount=100)
+            ex = ExecutorConfig(workers=workers)
+            seconds, summary = timed(lambda gen=gen, ex=ex: run_generate(gen, progress=False,
+                                                                         executor=ex))
+            images = summary["samples"]
+            runs.setdefault(f"generate_{workers}_workers", []).append(
+                {"images_per_s": images / seconds, "images": images, "seconds": seconds})
+            ext = ExtractConfig(inputs=[os.path.join(folder, "gen", "gen-*.tar")],
+                                output=os.path.join(folder, "inst", "inst-{shard:06d}.tar"),
+                                maxcount=100)
+            seconds, summary = timed(lambda ext=ext, ex=ex: run_extract(ext, progress=False,
+                                                                        executor=ex))
+            runs.setdefault(f"extract_{workers}_workers", []).append(
+                {"images_per_s": images / seconds, "images": images, "seconds": seconds})
+    return {name: max(r, key=lambda f: f["images_per_s"]) for name, r in runs.items()}
+
+
+def loader_local_vs_s3(work: str, batches: int) -> dict:
+    import boto3
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    from xpaste_stream.bank import InstanceBank
+    from xpaste_stream.loader import PasteConfig
+    from xpaste_stream.loader.bench import measure_loader
+    from xpaste_stream.loader.cli import demo_data
+
+    data = demo_data(os.path.join(work, "demo"))
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    fsspec.config.conf["s3"] = {"key": "bench", "secret": "bench", "skip_instance_cache": True,
+                                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                 aws_secret_access_key="bench").create_bucket(Bucket="bench")
+    fs = fsspec.filesystem("s3")
+    bg_dir = os.path.dirname(data["backgrounds"][0])
+    for path in glob.glob(os.path.join(bg_dir, "*")):
+        fs.put(path, f"bench/bg/{os.path.basename(path)}")
+    bank = InstanceBank.open(data["bank"])
+    for entry in bank.shards:
+        fs.put(entry["path"], f"bench/inst/{os.path.basename(entry['path'])}")
+    remote_bank = InstanceBank.open(data["bank"], shard_root="s3://bench/inst")
+    paste = PasteConfig(output_size=640)
+    try:
+        local = measure_loader(data["backgrounds"], data["bank"], paste, 8, batches, None, 2, workers=2)
+        s3 = measure_loader("s3://bench/bg/bg-*.tar", remote_bank, paste, 8, batches, None, 2,
+                            workers=2)
+    finally:
+        server.stop()
+    for f in (local, s3):
+        f.pop("stats", None)
+    return {"loader_local_disk": local, "loader_s3_moto": s3,
+            "shards_bytes": sum(os.path.getsize(p) for p in glob.glob(os.path.join(bg_dir, "*.tar")))
+            + sum(e["size"] for e in bank.shards)}
+
+
+def main() -> int:
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images-per-category", type=int, default=150)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-scale-out"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scale-out-cpu.json"))
+    args = ap.parse_args()
+    figures = {**stages(args.workdir, args.images_per_category),
+               **loader_local_vs_s3(args.workdir, args.batches)}
+    ratios = {
+        "generate_2_vs_1_workers": figures["generate_2_workers"]["images_per_s"]
+        / figures["generate_1_workers"]["images_per_s"],
+        "extract_2_vs_1_workers": figures["extract_2_workers"]["images_per_s"]
+        / figures["extract_1_workers"]["images_per_s"],
+        "loader_s3_vs_local": figures["loader_s3_moto"]["images_per_s"]
+        / figures["loader_local_disk"]["images_per_s"]}
+    result = {"device": "cpu", "cores": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "settings": {"generate": "procedural, 8 categories, 256 px, maxcount 100, local executor, best of 2",
+                           "extract": "plain-background, no CLIP, maxcount 100, local executor, best of 2",
+                           "loader": "CPU, 640 LSJ, U{0..19} pastes, batch 8, 2 workers, demo data; "
+                                     "S3: moto ThreadedMotoServer on 127.0.0.1, default block cache "
+                                     "(1 MiB blocks, 512 MiB), bank re-rooted onto the bucket",
+                           "batches": args.batches},
+              "figures": figures, "ratios": ratios}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    for name, v in ratios.items():
+        print(f"{name}: {v:.2f}")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
