@@ -120,7 +120,8 @@ def main() -> int:
         / figures["loader_local_disk"]["images_per_s"]}
     result = {"device": "cpu", "cores": os.cpu_count(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "settings": {"generate": "procedural, 8 categories, 256 px, maxcount 100, local executor, best of 2",
+              "settings": {"generate": "procedural, 8 categories, 256 px, maxcount 100, local "
+                                       "executor, best of 2",
                            "extract": "plain-background, no CLIP, maxcount 100, local executor, best of 2",
                            "loader": "CPU, 640 LSJ, U{0..19} pastes, batch 8, 2 workers, demo data; "
                                      "S3: moto ThreadedMotoServer on 127.0.0.1, default block cache "
