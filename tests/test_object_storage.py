@@ -111,6 +111,33 @@ def test_generate_extract_index_through_s3(s3, tmp_path, monkeypatch):
         assert got["jpg"][:2] == b"\xff\xd8" and mask
     assert cache.misses > 0 and cache.bytes <= 16384 and cache.evicted > 0
 
+    # ... -> loader: backgrounds of the same categories on the bucket, the bank of the S3
+    # instance shards; every read through the same small cache, an injected fault retried
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_loader_fixtures import default_backgrounds, write_backgrounds, write_categories
+
+    from xpaste_stream.loader import CopyPasteLoader, PasteConfig
+
+    local_bg = tmp_path / "bg"
+    local_bg.mkdir()
+    write_backgrounds(str(local_bg), default_backgrounds(4), per_shard=2)
+    write_categories(str(local_bg), {i: (0.2, 0.05) for i in (1, 2, 3)})
+    for path in sorted(glob.glob(str(local_bg / "*"))):
+        s3.put(path, f"shards/run/bg/{os.path.basename(path)}")
+    s3.invalidate_cache()
+    one_fault = FailingFirstReads(s3, 1)
+    flaky = BlockCache(RemoteConfig(cache_bytes=16384, block_size=4096, backoff_s=0.0),
+                       fs_of=lambda url: (one_fault, url[len("s3://"):]))
+    monkeypatch.setattr(remote, "_CACHE", {os.getpid(): flaky})
+    with CopyPasteLoader("s3://shards/run/bg/bg-*.tar", bank, PasteConfig(output_size=64, max_pastes=3,
+                                                                           min_pastes=2),
+                         batch_size=2, workers=0) as loader:
+        images = [t["image_id"] for b in loader for t in b.targets]
+        assert sorted(images) == [0, 1, 2, 3] and loader.stats()["pastes_planned"] >= 8
+    assert flaky.retried == 1 and flaky.bytes <= 16384
+
 
 def test_missing_bucket_and_credentials_are_refused_before_work(s3, tmp_path, monkeypatch):
     gen = GenerateConfig(output="s3://no-such-bucket/gen/gen-{shard:04d}.tar", num_categories=1,
