@@ -128,13 +128,7 @@ def format_outcome(outcome: StageOutcome, why: list[str], show: int = 10) -> str
 
 def rejects_path(pattern: str) -> str:
     """`out/gen-{shard:06d}.tar` -> `out/gen-rejects.jsonl`: one list per shard set."""
-    folder, _, base = pattern.rpartition("/")
-    cut = min([i for i in (base.find("{"), base.find("%")) if i >= 0], default=len(base))
-    stem = base[:cut].rstrip("-_.")
-    if stem.endswith(".tar"):
-        stem = stem[:-4]
-    name = f"{stem}-{REJECTS_SUFFIX}" if stem else REJECTS_SUFFIX
-    return f"{folder}/{name}" if folder else name
+    return urls.sidecar_path(pattern, REJECTS_SUFFIX)
 
 
 class RejectsList:

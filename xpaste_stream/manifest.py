@@ -33,13 +33,7 @@ MANIFEST_SUFFIX = "manifest.json"
 
 def manifest_path(pattern: str) -> str:
     """`out/gen-{shard:06d}.tar` -> `out/gen-manifest.json`: one manifest per shard set."""
-    folder, _, base = pattern.rpartition("/")
-    cut = min([i for i in (base.find("{"), base.find("%")) if i >= 0], default=len(base))
-    stem = base[:cut].rstrip("-_.")
-    if stem.endswith(".tar"):
-        stem = stem[:-4]
-    name = f"{stem}-{MANIFEST_SUFFIX}" if stem else MANIFEST_SUFFIX
-    return f"{folder}/{name}" if folder else name
+    return urls.sidecar_path(pattern, MANIFEST_SUFFIX)
 
 
 def settings_of(cfg: Any, leave_out: tuple[str, ...] = ()) -> dict:

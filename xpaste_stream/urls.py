@@ -105,3 +105,15 @@ def write_bytes(url: str, data: bytes) -> None:
     with open_url(tmp, "wb") as f:
         f.write(data)
     rename(tmp, url)
+
+
+def sidecar_path(pattern: str, suffix: str) -> str:
+    """The file one shard set keeps beside its shards: `out/gen-{shard:06d}.tar` with suffix
+    `manifest.json` -> `out/gen-manifest.json` (the pattern's stem before its shard field)."""
+    folder, _, base = pattern.rpartition("/")
+    cut = min([i for i in (base.find("{"), base.find("%")) if i >= 0], default=len(base))
+    stem = base[:cut].rstrip("-_.")
+    if stem.endswith(".tar"):
+        stem = stem[:-4]
+    name = f"{stem}-{suffix}" if stem else suffix
+    return f"{folder}/{name}" if folder else name
