@@ -13,6 +13,7 @@ from test_loader_fixtures import (
     default_backgrounds,
     instance,
     make_dataset,
+    mismatched_bank_dataset,
     write_backgrounds,
     write_bank,
     write_categories,
@@ -262,11 +263,7 @@ def test_corrupt_instances_redrawn_and_counted(tmp_path):
 
 
 def test_mismatched_bank_refused(tmp_path):
-    bg_dir = tmp_path / "bg"
-    bg_dir.mkdir()
-    urls = write_backgrounds(str(bg_dir), default_backgrounds(2))
-    write_categories(str(bg_dir), {1: (0.2, 0.05), 2: (0.3, 0.1)})
-    bank = write_bank(str(tmp_path), categories=(1, 2, 7))
+    urls, bank = mismatched_bank_dataset(str(tmp_path))
     with pytest.raises(LoaderError, match="categories that .* does not list .*7"):
         CopyPasteLoader(urls, bank, small())
 

@@ -125,6 +125,15 @@ def make_dataset(folder: str, n_backgrounds: int = 10, per_shard: int = 4,
     return urls, write_bank(folder, **bank_kw)
 
 
+def mismatched_bank_dataset(folder: str) -> tuple[list[str], str]:
+    """Backgrounds whose categories.json lists 1 and 2, and a bank that also holds 7."""
+    bg_dir = os.path.join(folder, "bg")
+    os.makedirs(bg_dir, exist_ok=True)
+    urls = write_backgrounds(bg_dir, default_backgrounds(4))
+    write_categories(bg_dir, {1: (0.2, 0.05), 2: (0.3, 0.1)})
+    return urls, write_bank(folder, categories=(1, 2, 7))
+
+
 def corrupt_instance_dataset(folder: str) -> tuple[list[str], str, set[int]]:
     """8 backgrounds and a bank of 6 instances whose first 3 have truncated JPEGs."""
     from xpaste_stream.bank import InstanceBank

@@ -9,11 +9,8 @@ import os
 import pytest
 import torch
 from test_loader_fixtures import (
-    default_backgrounds,
     make_dataset,
-    write_backgrounds,
-    write_bank,
-    write_categories,
+    mismatched_bank_dataset,
 )
 
 from xpaste_stream.cli import main
@@ -153,11 +150,7 @@ def test_shard_urls_matching_nothing_refused(data, tmp_path):
 
 
 def test_bank_for_other_categories_refused(tmp_path):
-    bg = tmp_path / "bg"
-    bg.mkdir()
-    urls = write_backgrounds(str(bg), default_backgrounds(4))
-    write_categories(str(bg), {1: (0.2, 0.05), 2: (0.3, 0.1)})
-    bank = write_bank(str(tmp_path), categories=(1, 2, 7))
+    urls, bank = mismatched_bank_dataset(str(tmp_path))
     with pytest.raises(LoaderError, match=r"categories that .* does not list \(7\)"):
         train(tiny(urls, bank, max_steps=1))
 

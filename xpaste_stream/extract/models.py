@@ -155,30 +155,41 @@ class _ModelSegmenter:
         return values.to(self.device, self.dtype)
 
 
-class ClipSegSegmenter(_ModelSegmenter):
-    """CLIPSeg prompted with `prompt` filled with the category name."""
-
-    name = kind = "clipseg"
+class _TextPrompted(_ModelSegmenter):
+    """A model prompted with `prompt` filled with the category name; what the text encoder
+    makes of a category is computed once and cached."""
 
     def __init__(self, model: str | None = None, prompt: str = "{name}", **runtime):
         super().__init__(model, **runtime)
         if "{name}" not in prompt:
-            raise ValueError(f"clipseg prompt {prompt!r} needs a {{name}} placeholder")
+            raise ValueError(f"{self.kind} prompt {prompt!r} needs a {{name}} placeholder")
         self.prompt = prompt
         self._text: dict = {}
 
-    def conditional(self, categories: list[str]):
-        """Conditional embeddings (B, D), computed once per category."""
+    def per_category(self, categories: list[str], encode) -> list:
+        """The cached encoding of each category; `encode(prompts)` makes one per prompt, for
+        the categories not seen yet."""
         new = sorted({c for c in categories if c not in self._text})
         if new:
             prompts = [self.prompt.format(name=c.replace("_", " ")) for c in new]
-            tokens = self.processor.tokenizer(prompts, padding=True, return_tensors="pt").to(self.device)
             with self._torch.inference_mode():
-                emb = self.net.get_conditional_embeddings(
-                    batch_size=len(new), input_ids=tokens["input_ids"],
-                    attention_mask=tokens["attention_mask"])
-            self._text.update(zip(new, emb, strict=True))
-        return self._torch.stack([self._text[c] for c in categories])
+                self._text.update(zip(new, encode(prompts), strict=True))
+        return [self._text[c] for c in categories]
+
+
+class ClipSegSegmenter(_TextPrompted):
+    """CLIPSeg prompted with `prompt` filled with the category name."""
+
+    name = kind = "clipseg"
+
+    def conditional(self, categories: list[str]):
+        """Conditional embeddings (B, D), computed once per category."""
+        def encode(prompts):
+            tokens = self.processor.tokenizer(prompts, padding=True, return_tensors="pt").to(self.device)
+            return self.net.get_conditional_embeddings(
+                batch_size=len(prompts), input_ids=tokens["input_ids"],
+                attention_mask=tokens["attention_mask"])
+        return self._torch.stack(self.per_category(categories, encode))
 
     def heatmaps(self, images: list[np.ndarray], categories: list[str]) -> list[np.ndarray]:
         """P(object of that category) per pixel, at each image's own size."""
@@ -243,29 +254,19 @@ class SamSegmenter(_ModelSegmenter):
         return results
 
 
-class Sam3Segmenter(_ModelSegmenter):
+class Sam3Segmenter(_TextPrompted):
     """SAM 3: masks from the category name itself; the best-scoring query wins."""
 
     name = kind = "sam3"
 
-    def __init__(self, model: str | None = None, prompt: str = "{name}", **runtime):
-        super().__init__(model, **runtime)
-        if "{name}" not in prompt:
-            raise ValueError(f"sam3 prompt {prompt!r} needs a {{name}} placeholder")
-        self.prompt = prompt
-        self._text: dict = {}
-
     def text_features(self, categories: list[str]):
         """(features (B, L, D), attention mask (B, L)), computed once per category."""
-        new = sorted({c for c in categories if c not in self._text})
-        if new:
-            prompts = [self.prompt.format(name=c.replace("_", " ")) for c in new]
+        def encode(prompts):
             tokens = self.processor(text=prompts, return_tensors="pt").to(self.device)
-            with self._torch.inference_mode():
-                feats = self.net.get_text_features(input_ids=tokens["input_ids"],
-                                                   attention_mask=tokens["attention_mask"]).pooler_output
-            self._text.update(zip(new, zip(feats, tokens["attention_mask"], strict=True), strict=True))
-        feats, mask = zip(*(self._text[c] for c in categories), strict=True)
+            feats = self.net.get_text_features(input_ids=tokens["input_ids"],
+                                               attention_mask=tokens["attention_mask"]).pooler_output
+            return zip(feats, tokens["attention_mask"], strict=True)
+        feats, mask = zip(*self.per_category(categories, encode), strict=True)
         return self._torch.stack(feats), self._torch.stack(mask)
 
     def segment(self, images: list[np.ndarray], categories: list[str]) -> list[SegmentResult]:
