@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -94,6 +95,8 @@ def main() -> int:
 
     v1_root = v1_checkout(os.path.join(args.workdir, "v1-src"))
     v1_work, v2_work = os.path.join(args.workdir, "v1"), os.path.join(args.workdir, "v2")
+    for work in (v1_work, v2_work):  # each version writes its own data, afresh
+        shutil.rmtree(work, ignore_errors=True)
     run(DATA, v1_work, args.images, pythonpath=v1_root)
     bank = run(DATA, v2_work, args.images)
     urls = os.path.join(v2_work, "bg", "bg-*.tar")
