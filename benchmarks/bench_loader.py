@@ -1,15 +1,21 @@
-"""Loader throughput side by side with copy-paste baselines; one command:
+"""The loader side by side with the previous loader (v2, commit 94e2bdc) and its ceiling; one command:
 
-    python benchmarks/bench_loader.py            # CPU; adds GPU rows when CUDA is available
+    python3 benchmarks/bench_loader.py [--quick] [--sizes 640 1024] [--rounds 3]
 
-On CPU, images/s at 640 LSJ with U{0..19} pastes, and per core (wall images/s / cores, and
-images per CPU-second of the process and its workers, which holds when other jobs share the
-cores), of: the loader (--workers sample-function processes) | (a) per-image original-style
-copy-paste | (b) batch torch copy-paste | (c) decode-only DALI pipeline (the ceiling); and the
-loader with U{0..K} pastes for K = 1, 5, 19 (how the cost grows with the pastes). Loader runs
-are repeated (--repeats) and the fastest is kept.
-On a GPU also the loader and decode-only at 640 and 1024, with the ratios.
-Writes benchmarks/results/loader-<device>.json.
+Data: procedural backgrounds of LVIS density (640x480, U{0..24} objects, ~12 per image, polygon
+and RLE masks, packed by pack-coco) and the demo bank; both loaders read the same shards. The
+previous loader runs from a `git worktree` of `PREVIOUS_COMMIT` in a subprocess with its own
+code. Per size (LSJ 0.1-2.0 to S x S, U{0..19} pastes, hard blending, 2 worker processes):
+- `loader` / `previous`: images/s, images per CPU-second (this process, its threads and its
+  worker processes), pasted instances per image; runs interleaved (previous, new, previous,
+  ...) `--rounds` times, medians kept;
+- `ceiling`: DALI read + decode + LSJ only, on the same shards and device;
+- `compositor`: the batched paste alone (composite.paste_batch, timed inside the loader on its
+  real batches): nanoseconds per pasted pixel (a pixel of a resized instance) on one core.
+On a GPU (CUDA available) the same rows run there (`--device 0`) too.
+X-Paste's own CopyPasteMapper was measured from outside on this kind of machine (issue 15:
+3.21 images per CPU-second at 640, 0.85 at 1024, same density): the ratios to it are given.
+Writes benchmarks/results/loader-<device>.json (with --quick: a temporary file).
 """
 
 from __future__ import annotations
@@ -17,140 +23,199 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PREVIOUS_COMMIT = "94e2bdc"          # loader v2: the per-slot DALI compositing graph
+XPASTE_IMAGES_PER_CPU_S = {640: 3.21, 1024: 0.85}  # X-Paste's CopyPasteMapper, issue 15
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = textwrap.dedent("""
+    import os, subprocess, sys
+    from xpaste_stream.generate.procedural import SceneSpec, category_names, write_scene_dataset
+    from xpaste_stream.pipeline import make_demo_data
+    work, images = sys.argv[1], int(sys.argv[2])
+    bank = make_demo_data(os.path.join(work, "demo"), progress=False)
+    ann = write_scene_dataset(os.path.join(work, "scenes"), category_names(20),
+                              SceneSpec(num_images=images, image_size=(480, 640), max_objects=24,
+                                        seed=7))
+    out = os.path.join(work, "bg", "bg-{shard:06d}.tar")
+    if not os.path.exists(os.path.join(work, "bg")):
+        subprocess.run([sys.executable, "-m", "xpaste_stream.cli", "pack-coco", ann,
+                        os.path.join(work, "scenes", "images"), "-o", out, "--maxcount", "64"],
+                       check=True, capture_output=True)
+    print(bank["bank"])
+""")
 
-from loader_baselines import BatchTorchCopyPaste, PerImageCopyPaste, planned_work  # noqa: E402
+# run with either version's code on PYTHONPATH: its own CopyPasteLoader and measure_loader
+MEASURE = textwrap.dedent("""
+    import json, os, sys
+    from xpaste_stream.loader import PasteConfig
+    from xpaste_stream.loader.bench import measure_loader
+    urls, bank, size, batch, batches, workers = sys.argv[1:7]
+    device = None if sys.argv[7] == "cpu" else int(sys.argv[7])
+    f = measure_loader(urls, bank, PasteConfig(output_size=int(size)), int(batch), int(batches),
+                       device, os.cpu_count(), workers=int(workers))
+    f.pop("stats")
+    print(json.dumps(f))
+""")
 
-from xpaste_stream.loader import CopyPasteLoader, PasteConfig  # noqa: E402
-from xpaste_stream.loader.bench import (  # noqa: E402
-    device_name,
-    measure_decode_only,
-    measure_loader,
-)
-from xpaste_stream.loader.cli import demo_data  # noqa: E402
+# the new loader with its compositor timed on the loader's own batches
+COMPOSITOR = textwrap.dedent("""
+    import json, os, sys, time
+    import torch
+    from xpaste_stream.loader import PasteConfig, loader as loader_module
+    from xpaste_stream.loader.bench import measure_loader
+    from xpaste_stream.loader.composite import C_H, C_W
+    urls, bank, size, batch, batches, workers = sys.argv[1:7]
+    device = None if sys.argv[7] == "cpu" else int(sys.argv[7])
+    timed = {"seconds": 0.0, "pixels": 0, "calls": 0}
+    paste_batch = loader_module.paste_batch
+
+    def timed_paste(canvas, table, *args, **kw):
+        if canvas.is_cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = paste_batch(canvas, table, *args, **kw)
+        if canvas.is_cuda:
+            torch.cuda.synchronize()
+        timed["seconds"] += time.perf_counter() - started
+        timed["pixels"] += int((table[:, C_H] * table[:, C_W]).sum())
+        timed["calls"] += 1
+        return out
+
+    loader_module.paste_batch = timed_paste
+    measure_loader(urls, bank, PasteConfig(output_size=int(size)), int(batch), 1, device, 1,
+                   warmup=1, workers=int(workers))          # compiles, warms up
+    for k in timed:
+        timed[k] = 0
+    f = measure_loader(urls, bank, PasteConfig(output_size=int(size)), int(batch), int(batches),
+                       device, 1, warmup=0, workers=int(workers))
+    print(json.dumps({"ns_per_pasted_pixel": 1e9 * timed["seconds"] / max(timed["pixels"], 1),
+                      "pasted_pixels_per_image": timed["pixels"] / max(f["images"], 1),
+                      "ms_per_image": 1e3 * timed["seconds"] / max(f["images"], 1),
+                      "batches": timed["calls"]}))
+""")
 
 
-def baselines(backgrounds, bank, paste: PasteConfig, batch_size: int, batches: int) -> dict:
-    """(a) per-image and (b) batch-torch copy-paste, single-threaded, on the loader's plans."""
-    torch.set_num_threads(1)
-    planner = CopyPasteLoader(backgrounds, bank, paste, batch_size=batch_size, num_threads=1,
-                              workers=0)
-    work = planned_work(planner, batches)
-    per_image, batch_torch = PerImageCopyPaste(paste), BatchTorchCopyPaste(paste)
-    images = sum(len(bgs) for bgs, _, _ in work)
+def run(code: str, *args, pythonpath: str = ROOT) -> str:
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, text=True,
+                          capture_output=True, cwd=pythonpath)
+    if done.returncode:
+        raise SystemExit(f"benchmark step failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
 
-    started, cpu = time.perf_counter(), time.process_time()
-    for bgs, plan, payloads in work:
-        for i, bg in enumerate(bgs):
-            per_image(bg, plan, i, payloads[i])
-    per_image_s, per_image_cpu = time.perf_counter() - started, time.process_time() - cpu
 
-    started, cpu = time.perf_counter(), time.process_time()
-    for bgs, plan, payloads in work:
-        batch_torch(bgs, plan, payloads)
-    batch_s, batch_cpu = time.perf_counter() - started, time.process_time() - cpu
-    # both exclude reading and planning (done above), which the loader's figure includes
-    return {"per_image_original": {"images_per_s": images / per_image_s,
-                                   "images_per_cpu_s": images / per_image_cpu, "images": images,
-                                   "cores": 1},
-            "batch_torch": {"images_per_s": images / batch_s, "images_per_cpu_s": images / batch_cpu,
-                            "images": images, "cores": 1}}
+def previous_checkout(path: str) -> str:
+    """A git worktree of PREVIOUS_COMMIT (made once, reused)."""
+    if not os.path.exists(os.path.join(path, "xpaste_stream")):
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--force", "--detach", path,
+                        PREVIOUS_COMMIT], check=True, capture_output=True)
+    return path
+
+
+def median_of(runs: list[dict]) -> dict:
+    keys = ("images_per_s", "images_per_cpu_s", "instances_per_s")
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["pasted_per_image"] = statistics.median(r["instances_per_s"] / r["images_per_s"] for r in runs)
+    out["runs"] = runs
+    return out
+
+
+def measure_size(size: int, urls: str, bank: str, previous_root: str | None, args, device: str) -> dict:
+    """Every row of one size, loader runs interleaved with the previous loader's."""
+    from xpaste_stream.loader.bench import measure_decode_lsj
+
+    batch = args.batch_size if device == "cpu" else 32
+    common = (urls, bank, size, batch, args.batches, args.workers, device)
+    new, old = [], []
+    for _ in range(args.rounds):
+        if previous_root:
+            old.append(json.loads(run(MEASURE, *common, pythonpath=previous_root)))
+        new.append(json.loads(run(MEASURE, *common)))
+    row = {"loader": median_of(new)}
+    if old:
+        row["previous"] = median_of(old)
+    device_id = None if device == "cpu" else int(device)
+    row["ceiling"] = measure_decode_lsj(urls, size, batch, args.batches, device_id, os.cpu_count())
+    row["compositor"] = json.loads(run(COMPOSITOR, *common))
+    loader = row["loader"]
+    ratios = {"vs_ceiling": loader["images_per_s"] / row["ceiling"]["images_per_s"]}
+    if old:
+        ratios["vs_previous_per_cpu_s"] = loader["images_per_cpu_s"] / row["previous"]["images_per_cpu_s"]
+        ratios["vs_previous_images_per_s"] = loader["images_per_s"] / row["previous"]["images_per_s"]
+    if size in XPASTE_IMAGES_PER_CPU_S and device == "cpu":
+        ratios["vs_xpaste_per_cpu_s"] = loader["images_per_cpu_s"] / XPASTE_IMAGES_PER_CPU_S[size]
+    row["ratios"] = ratios
+    return row
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="./runs/bench-loader")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per CPU measurement")
-    parser.add_argument("--gpu-batches", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=2, help="loader worker processes")
-    parser.add_argument("--repeats", type=int, default=2, help="loader runs per setting (fastest kept)")
-    parser.add_argument("--backgrounds", help="background shards (default: make_demo_data's)")
-    parser.add_argument("--bank", help="instance bank folder (with --backgrounds)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny data, one round: checks the path")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[640, 1024])
+    ap.add_argument("--images", type=int, default=192, help="backgrounds in the data set")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=12, help="timed batches per loader run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per loader (medians)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-previous", action="store_true", help="skip the previous loader")
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-loader"))
+    ap.add_argument("--out", help="result file (default benchmarks/results/loader-DEVICE.json)")
+    args = ap.parse_args()
+    if args.quick:   # the whole path on tiny data; the previous loader only in full runs
+        args.sizes, args.images, args.batch_size, args.batches, args.rounds = [128], 8, 2, 2, 1
+        args.no_previous, args.workdir = True, args.workdir + "-quick"
 
-    if args.backgrounds and args.bank:
-        backgrounds, bank, source = args.backgrounds, args.bank, args.backgrounds
-    else:
-        data = demo_data(args.workdir)
-        backgrounds, bank, source = data["backgrounds"], data["bank"], "make_demo_data procedural set"
-    cores = os.cpu_count() or 1
-    paste = PasteConfig(output_size=640)
-    figures: dict = {}
-    print(f"CPU, {cores} cores, 640 LSJ, U{{0..19}} pastes, batch {args.batch_size}")
+    import torch
 
-    def loaders(p: PasteConfig, batch_size: int, batches: int, device_id=None) -> dict:
-        """The loader, its fastest of `repeats` runs (other jobs only ever slow a run down)."""
-        runs = [measure_loader(backgrounds, bank, p, batch_size, batches, device_id, cores,
-                               workers=args.workers) for _ in range(args.repeats)]
-        return {"loader": max(runs, key=lambda f: f["images_per_s"])}
+    from xpaste_stream.loader.bench import device_name
 
-    figures["cpu_640"] = {
-        **{name: {**f, "cores": cores} for name, f in loaders(paste, args.batch_size, args.batches).items()},
-        "decode_only": {**measure_decode_only(backgrounds, args.batch_size, args.batches, None, cores),
-                        "cores": cores},
-        **baselines(backgrounds, bank, paste, args.batch_size, max(2, args.batches // 2)),
-    }
-    for f in figures["cpu_640"].values():
-        f["images_per_s_per_core"] = f["images_per_s"] / f["cores"]
-    figures["cpu_640_max_pastes"] = {}
-    for k in (1, 5, 19):
-        for name, f in loaders(PasteConfig(output_size=640, max_pastes=k), args.batch_size,
-                               args.batches).items():
-            figures["cpu_640_max_pastes"][f"U{{0..{k}}} {name}"] = f
-    cpu = figures["cpu_640"]
-    ratios = {}
-    for name in ("loader",):
-        for base in ("per_image_original", "batch_torch"):
-            ratios[f"cpu_{name}_vs_{base}_per_core"] = (cpu[name]["images_per_s_per_core"]
-                                                         / cpu[base]["images_per_s_per_core"])
-            ratios[f"cpu_{name}_vs_{base}_per_cpu_s"] = (cpu[name]["images_per_cpu_s"]
-                                                          / cpu[base]["images_per_cpu_s"])
-        ratios[f"cpu_{name}_vs_decode_only"] = cpu[name]["images_per_s"] / cpu["decode_only"]["images_per_s"]
-    device = "cpu"
-    if torch.cuda.is_available():
-        device = device_name(0)
-        for size in (640, 1024):
-            gpu_paste = PasteConfig(output_size=size)
-            both = loaders(gpu_paste, 32, args.gpu_batches, 0)
-            ceiling = measure_decode_only(backgrounds, 32, args.gpu_batches, 0, cores)
-            figures[f"gpu_{size}"] = {**both, "decode_only": ceiling}
-            for name, f in both.items():
-                ratios[f"gpu_{size}_{name}_vs_decode_only"] = f["images_per_s"] / ceiling["images_per_s"]
-    result = {"device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "settings": {"output_size_cpu": 640, "pastes": "U{0..19}", "blending": "hard",
-                           "batch_size_cpu": args.batch_size, "timed_batches_cpu": args.batches,
-                           "cpu_cores": cores, "loader_threads": cores, "data": source,
-                           "workers": args.workers, "loader_repeats": args.repeats,
-                           "loader": "box-local paste slot by slot, empty slots skipped by DALI "
-                                     "conditionals, id map + placed rows/columns to torch "
-                                     "(xpaste_stream/loader/pipeline.py); instances resized "
-                                     "bilinearly without antialiasing, as cv2.resize; host work "
-                                     "(sample.py) in `workers` processes; targets with 1 torch "
-                                     "thread",
-                           "baselines": "single-threaded, exclude reading/planning (given the "
-                                        "loader's plans); the loader's figure includes them",
-                           "per_core": "images_per_s_per_core = wall images/s / cores; "
-                                       "images_per_cpu_s = images / process CPU seconds"},
-              "figures": figures, "ratios": ratios}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"loader-{device}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    for name, f in figures.items():
-        for what, v in f.items():
-            per_cpu = f"{v['images_per_cpu_s']:8.1f} images/cpu-s" if "images_per_cpu_s" in v else ""
-            print(f"{name:18s} {what:26s} {v['images_per_s']:8.1f} images/s {per_cpu}")
-    for name, v in ratios.items():
-        print(f"{name}: {v:.2f}")
-    print(path)
+    bank = run(DATA, args.workdir, args.images)
+    urls = os.path.join(args.workdir, "bg", "bg-*.tar")
+    previous = None if args.no_previous else previous_checkout(os.path.join(args.workdir, "previous-src"))
+    devices = ["cpu"] + (["0"] if torch.cuda.is_available() else [])
+    figures, names = {}, {"cpu": "cpu"}
+    for device in devices:
+        if device != "cpu":
+            names[device] = device_name(int(device))
+        for size in args.sizes:
+            row = measure_size(size, urls, bank, previous, args, device)
+            figures[f"{names[device]}_{size}"] = row
+            print(f"{names[device]} {size}: loader {row['loader']['images_per_s']:.1f} images/s "
+                  f"{row['loader']['images_per_cpu_s']:.1f}/cpu-s; "
+                  + (f"previous {row['previous']['images_per_cpu_s']:.1f}/cpu-s; "
+                     if "previous" in row else "")
+                  + f"ceiling {row['ceiling']['images_per_s']:.1f} images/s; compositor "
+                  f"{row['compositor']['ns_per_pasted_pixel']:.1f} ns/pasted pixel; "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items()), flush=True)
+    device = names[devices[-1]]
+    result = {
+        "device": device, "cpu_cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {"sizes": args.sizes, "pastes": "U{0..19}", "blending": "hard",
+                     "lsj": "0.1-2.0, S x S window", "backgrounds": args.images,
+                     "background_size": "640x480", "objects_per_image": "U{0..24} (~12)",
+                     "batch_size_cpu": args.batch_size, "batch_size_gpu": 32,
+                     "timed_batches": args.batches, "rounds": args.rounds, "workers": args.workers,
+                     "previous_commit": None if args.no_previous else PREVIOUS_COMMIT,
+                     "per_cpu_s": "images / CPU seconds of the loader process, its threads and "
+                                  "its worker processes", "quick": args.quick,
+                     "xpaste_images_per_cpu_s": XPASTE_IMAGES_PER_CPU_S},
+        "figures": figures,
+        "ratios": {name: row["ratios"] for name, row in figures.items()}}
+    out = args.out or (os.path.join(tempfile.gettempdir(), f"loader-{device}-quick.json") if args.quick
+                       else os.path.join(ROOT, "benchmarks", "results", f"loader-{device}.json"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"-> {out}")
     return 0
 
 

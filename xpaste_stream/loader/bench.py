@@ -12,7 +12,8 @@ from .. import urls as urlmod
 from ..shards import dali_index_path
 from .config import PasteConfig
 from .loader import CopyPasteLoader
-from .pipeline import decode_only_pipeline
+from .pipeline import decode_lsj_pipeline, decode_only_pipeline
+from .wire import WIRE
 
 
 def device_name(device_id: int | None) -> str:
@@ -54,12 +55,13 @@ def measure_feed(background_urls, bank, paste: PasteConfig, batch_size: int, bat
     """The host feed alone: everything the loader does on the CPU per image when compositing
     runs on the GPU (read, check, parse, plan, fetch instance bytes, decode alphas, unpack real
     masks), through the same DALI parallel external source and worker processes, with the
-    compositing graph left out. `cpu_seconds` counts the worker processes too."""
+    background decode and the compositor left out. `cpu_seconds` counts the worker processes
+    too."""
     from nvidia.dali import fn, pipeline_def
 
     loader = CopyPasteLoader(background_urls, bank, paste, batch_size=batch_size,
                              workers=workers, categories=categories)
-    source = loader.source.with_device_alpha(True)  # the host work of GPU mode
+    source = loader.source            # the same host work in GPU and CPU mode
     total = batch_size * (warmup + batches)
     source.set_run(0, 0, batch_size, 0, 1, total)
     # (a run longer than the epoch reads on: positions past its end wrap to its start)
@@ -68,7 +70,7 @@ def measure_feed(background_urls, bank, paste: PasteConfig, batch_size: int, bat
     def feed():
         parallel = {"parallel": True, "prefetch_queue_depth": loader.config.worker_prefetch} \
             if workers else {}
-        outs = fn.external_source(source=source, num_outputs=len(source.names), batch=False,
+        outs = fn.external_source(source=source, num_outputs=len(WIRE), batch=False,
                                   **parallel)
         return tuple(outs)
 
@@ -128,6 +130,28 @@ def measure_decode_only(background_urls, batch_size: int, batches: int, device_i
     seconds = time.perf_counter() - started
     return {"images_per_s": batch_size * batches / seconds, "images": batch_size * batches,
             "seconds": seconds}
+
+
+def measure_decode_lsj(background_urls, size: int, batch_size: int, batches: int,
+                       device_id: int | None, num_threads: int, warmup: int = 2) -> dict:
+    """The loader's ceiling: DALI reads, decodes and LSJs (scale 0.1-2.0, S x S crop, flip)
+    the same shards on the same device, and nothing else; per wall and CPU second."""
+    paths = urlmod.expand(background_urls)
+    pipe = decode_lsj_pipeline(paths=paths, index_paths=[dali_index_path(p) for p in paths],
+                               gpu=device_id is not None, size=size, batch_size=batch_size,
+                               num_threads=num_threads, device_id=device_id)
+    pipe.build()
+    for _ in range(warmup):
+        pipe.run()
+    _sync(device_id)
+    started, cpu0 = time.perf_counter(), process_tree_cpu()
+    for _ in range(batches):
+        pipe.run()
+    _sync(device_id)
+    seconds, cpu_seconds = time.perf_counter() - started, process_tree_cpu() - cpu0
+    images = batch_size * batches
+    return {"images_per_s": images / seconds, "images_per_cpu_s": images / cpu_seconds,
+            "images": images, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def cores_in_use(num_threads: int) -> int:

@@ -14,7 +14,11 @@ The loader composes parts with one job each:
 - backgrounds.py: backgrounds addressed by (shard, offset, size) from the .idx files;
 - sample.py: the sample function f(seed, epoch, position) -> inputs of one image (read, check,
   plan, fetch instances), run by DALI's parallel external source in worker processes;
-- pipeline.py: the DALI graph that decodes, jitters and pastes (GPU when `device_id` is set);
+- wire.py: what a worker sends for one sample, declared once and read by name;
+- pipeline.py: the DALI pipelines that decode and jitter the backgrounds and decode a batch's
+  instances in one call (GPU when `device_id` is set);
+- composite.py: the batched compositor (one kernel source for the CPU and CUDA) and the real
+  masks' LSJ;
 - targets.py: occlusion-aware targets in torch on the same device.
 Resuming is starting the next pipeline at a position: nothing depends on threads, workers,
 ranks or the last run.
@@ -34,13 +38,23 @@ from nvidia.dali.backend import TensorListGPU
 from .. import formats, urls
 from ..config import check
 from .backgrounds import BackgroundIndex, BackgroundIndexError, ShardFiles
+from .composite import (
+    C_H,
+    C_W,
+    ObjectTargets,
+    paste_batch,
+    paste_table,
+    real_masks,
+    real_object_table,
+)
 from .config import LoaderConfig, PasteConfig
 from .order import LoaderState, batches_per_rank, fingerprint
-from .pipeline import PASSTHROUGH, copy_paste_pipeline
+from .pipeline import INSTANCE_INPUT, OUTPUTS, background_pipeline, instance_pipeline
 from .plan import PastePlan
-from .sample import COUNTERS, SampleSource, counts_from_rows, plan_from_rows
+from .sample import SampleSource
 from .sources import LoaderCounters
-from .targets import build_targets, lsj_crop_masks
+from .targets import build_targets
+from .wire import COUNTERS, plan_of, unpack_plans
 
 
 class LoaderError(ValueError):
@@ -112,7 +126,7 @@ class CopyPasteLoader:
             factors = self.index.repeat_factors(files)
         files.close()
         self.source = SampleSource(self.index, factors, self.bank, self.categories_doc,
-                                   self.paste, cfg, plan_hook, device_alpha=device_id is not None)
+                                   self.paste, cfg, plan_hook)
         self.counters = LoaderCounters()
         self.fingerprints = {
             "dataset": self.index.fingerprint,
@@ -123,6 +137,7 @@ class CopyPasteLoader:
         self.epoch, self.samples = 0, 0   # where the next batch comes from (global samples)
         self._pipe = None
         self._pipe_next: tuple[int, int] | None = None  # what the live pipeline gives next
+        self._decoder = None                             # instance_pipeline, built on first use
 
     # -- order and state ------------------------------------------------------------------------
 
@@ -174,6 +189,7 @@ class CopyPasteLoader:
             with contextlib.suppress(Exception):
                 self._pipe._shutdown()
             self._pipe, self._pipe_next = None, None
+        self._decoder = None
 
     def __del__(self):
         with contextlib.suppress(Exception):
@@ -188,21 +204,48 @@ class CopyPasteLoader:
         rank_samples = cfg.batch_size * len(self)
         self.source.set_run(self.epoch, self.samples, cfg.batch_size, self.rank, self.world_size,
                             rank_samples)
-        start = cfg.worker_start
-        if start == "auto":
-            start = "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
-        pipe = copy_paste_pipeline(
-            source=self.source, paste=self.paste, gpu=self.device_id is not None,
-            workers=cfg.workers, debug=cfg.debug, worker_prefetch=cfg.worker_prefetch,
-            batch_size=cfg.batch_size,
-            num_threads=cfg.num_threads, device_id=self.device_id,
-            prefetch_queue_depth=cfg.prefetch, seed=cfg.seed,
-            py_num_workers=max(1, cfg.workers), py_start_method=start)
+        pipe = self.background_pipeline(self.device_id)
         if cfg.workers:
             pipe.start_py_workers()
         pipe.build()
         self._pipe, self._pipe_next = pipe, (self.epoch, self.samples)
         return pipe
+
+    def _worker_start(self) -> str:
+        """How worker processes start. DALI refuses `fork` once the CUDA driver is initialised
+        in the process, by anyone (torch, numba, DALI's own GPU pipeline: a second pipeline
+        after a resume would find it so), so a GPU loader always spawns, and so does a CPU
+        loader in a process where torch has started CUDA; otherwise fork (~1 s faster)."""
+        start = self.config.worker_start
+        if start != "auto":
+            return start
+        cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return "spawn" if self.device_id is not None or cuda_live else "fork"
+
+    def background_pipeline(self, device_id: int | None, gpu: bool | None = None):
+        """The (unbuilt) DALI pipeline of backgrounds this loader runs; `gpu` with
+        `device_id` None defines the GPU graph without building it (to inspect it)."""
+        cfg = self.config
+        return background_pipeline(
+            source=self.source, size=self.paste.output_size,
+            gpu=device_id is not None if gpu is None else gpu, workers=cfg.workers,
+            worker_prefetch=cfg.worker_prefetch, batch_size=cfg.batch_size,
+            num_threads=cfg.num_threads, device_id=device_id, prefetch_queue_depth=cfg.prefetch,
+            seed=cfg.seed, py_num_workers=max(1, cfg.workers), py_start_method=self._worker_start())
+
+    def instance_pipeline(self, device_id: int | None, gpu: bool | None = None):
+        """The (unbuilt) pipeline that decodes a batch's instances in one call (batch B x K)."""
+        cfg = self.config
+        return instance_pipeline(
+            gpu=device_id is not None if gpu is None else gpu,
+            batch_size=cfg.batch_size * self.paste.slots, num_threads=cfg.num_threads,
+            device_id=device_id, prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+
+    def _instance_decoder(self):
+        if self._decoder is None:
+            self._decoder = self.instance_pipeline(self.device_id)
+            self._decoder.build()
+        return self._decoder
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -230,29 +273,62 @@ class CopyPasteLoader:
         return {**dict(sorted(self.counters.counts.items())), "skipped": list(self.counters.skipped)}
 
     def _finish(self, outputs) -> Batch:
-        size = self.paste.output_size
-        named = dict(zip(PASSTHROUGH, outputs[3:3 + len(PASSTHROUGH)], strict=True))
-        rows = np.stack(_samples(named["plan_row"]))
-        plan = plan_from_rows(rows, self.paste.slots)
-        images = to_torch(outputs[0], self.device)
-        ids, extents = to_torch(outputs[1], self.device), to_torch(outputs[2], self.device)
-        boxes = ragged_to_torch(named["real_boxes"], self.device)
-        bits = ragged_to_torch(named["real_bits"], self.device)
+        """Paste and build targets for one batch of `background_pipeline` outputs."""
+        paste, size, device = self.paste, self.paste.output_size, self.device
+        named = dict(zip(OUTPUTS, outputs, strict=True))
+        records = unpack_plans(_samples(named["plan"]), paste.slots)
+        plan = plan_of(records)
+        canvas = to_torch(named["image"], device)
+        background = canvas.permute(0, 2, 3, 1).cpu().numpy().copy() if self.config.debug else None
+
+        active = plan.active
+        src_sizes = records["src_size"][active].astype(np.int64)
+        rgb_len = src_sizes[:, 0] * src_sizes[:, 1] * 3
+        alpha_len = rgb_len // 3
+        table = paste_table(plan, src_sizes, np.cumsum(rgb_len) - rgb_len,
+                            np.cumsum(alpha_len) - alpha_len, paste)
+        rgb = self._decode_instances(_samples(named["inst_jpegs"]), records, int(rgb_len.sum()))
+        alpha = torch.from_numpy(_concat(_samples(named["inst_alphas"]))).to(device)
+        pasted = paste_batch(canvas, table, rgb, alpha, paste)
+
+        boxes = _samples(named["real_boxes"])
+        counts = [len(x) for x in boxes]
+        objects = real_object_table(np.concatenate(boxes).reshape(-1, 4), np.asarray(counts), plan, size)
+        bits = torch.from_numpy(_concat(_samples(named["real_bits"]))).to(device)
         labels = _samples(named["real_labels"])
-        real = [lsj_crop_masks(boxes[i], bits[i], plan.image_sizes[i], plan.lsj_size[i],
-                               plan.lsj_offset[i], bool(plan.lsj_flip[i]), size)
-                for i in range(len(labels))]
-        targets = build_targets(ids, extents, real, labels, plan, self.paste)
-        self._count(counts_from_rows(rows, self.paste.slots), _samples(named["skipped"]), plan,
-                    targets, labels)
+        targets = build_targets(ObjectTargets(objects, bits, table, pasted["scratch"], pasted["ids"], paste),
+                                counts, labels, plan, paste)
+        self._count(records["counters"], _samples(named["skipped"]), plan, targets, labels)
         debug = None
         if self.config.debug:
-            rest = outputs[3 + len(PASSTHROUGH):]
-            debug = {"backgrounds": to_torch(rest[0], torch.device("cpu")).numpy(),
-                     "real_masks": [m.cpu().numpy() for m in real], "real_labels": labels,
-                     "crops": [_samples(out) for out in rest[1:]]}
-        return Batch(images, targets, plan, rows[:, 8].copy(), self.epoch, debug)
+            real = real_masks(objects, bits, size)          # before occlusion
+            debug = {"backgrounds": background,
+                     "real_masks": [m.cpu().numpy() for m in torch.split(real, counts)],
+                     "real_labels": labels, "crops": debug_crops(plan, table, pasted["scratch"])}
+        return Batch(canvas, targets, plan, records["position"].copy(), self.epoch, debug)
 
+    def _decode_instances(self, jpeg_blobs: list[np.ndarray], records: np.ndarray,
+                          nbytes: int) -> torch.Tensor:
+        """Every active slot's instance decoded by one call of the instance pipeline, as one
+        flat RGB atlas (instance after instance, in (image, slot) order) on the device."""
+        jpegs = []
+        for blob, rec in zip(jpeg_blobs, records, strict=True):
+            ends = np.cumsum(rec["jpg_len"][rec["ids"] >= 0])
+            jpegs.extend(blob[e - n:e] for n, e in zip(rec["jpg_len"][rec["ids"] >= 0], ends, strict=True))
+        atlas = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+        if not jpegs:
+            return atlas
+        decoder = self._instance_decoder()
+        decoder.feed_input(INSTANCE_INPUT, jpegs)
+        (decoded,) = decoder.run()
+        at = 0
+        for sample, (h, w) in zip(_per_sample(decoded), records_src_size(records).tolist(), strict=True):
+            if list(sample.shape()) != [h, w, 3]:
+                raise LoaderError(f"an instance decoded to {sample.shape()}, its bank entry says "
+                                  f"{h}x{w}: the bank does not match its shards; rebuild it")
+            _copy_into(sample, atlas[at:at + h * w * 3].view(h, w, 3), self.device)
+            at += h * w * 3
+        return atlas
     @contextlib.contextmanager
     def _torch_threads(self):
         """`LoaderConfig.torch_threads` while targets are built on the CPU, then restored."""
@@ -281,6 +357,25 @@ class CopyPasteLoader:
         c.add("real_annotations", sum(len(x) for x in labels))
 
 
+def records_src_size(records: np.ndarray) -> np.ndarray:
+    """(P, 2) (h, w) of the batch's active slots' instances, in (image, slot) order."""
+    return records["src_size"][records["ids"] >= 0]
+
+
+def debug_crops(plan: PastePlan, table: np.ndarray, scratch: torch.Tensor) -> list[list[np.ndarray]]:
+    """crops[k][i]: the resized, flipped RGBA instance of slot k of image i (numpy), a 1 x 1
+    transparent pixel where the slot is empty."""
+    b, k = plan.ids.shape
+    crops = [[np.zeros((1, 1, 4), np.uint8) for _ in range(b)] for _ in range(k)]
+    flat = scratch.cpu().numpy()
+    at = 0
+    for (i, slot), row in zip(zip(*np.nonzero(plan.active), strict=True), table, strict=True):
+        h, w = int(row[C_H]), int(row[C_W])
+        crops[slot][i] = flat[at:at + h * w].reshape(h, w, 4).copy()
+        at += h * w
+    return crops
+
+
 def check_background_schema(index: BackgroundIndex, files: ShardFiles) -> None:
     """Refuse shards of an older background schema before any work, with what to do."""
     try:
@@ -307,7 +402,9 @@ def check_bank_matches(bank, categories_doc: dict, where: str) -> None:
 
 
 def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """A uniform DALI TensorList as one torch tensor on `device`, copied (DALI reuses buffers)."""
+    """A dense DALI TensorList as one torch tensor on `device`, copied (DALI reuses buffers)."""
+    if not tensor_list.is_dense_tensor():
+        raise LoaderError("internal: a ragged DALI output where a dense batch was expected")
     gpu = isinstance(tensor_list, TensorListGPU)
     if gpu and device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
@@ -321,24 +418,25 @@ def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(tensor_list.as_tensor())).to(device)
 
 
+def _per_sample(tensor_list) -> list:
+    """The samples of a (possibly ragged) TensorList, without `as_tensor`."""
+    return [tensor_list[i] for i in range(len(tensor_list))]
+
+
+def _copy_into(sample, out: torch.Tensor, device: torch.device) -> None:
+    """One DALI sample (CPU or GPU tensor) into the flat torch slice `out` on `device`."""
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        feed_ndarray(sample, out, cuda_stream=torch.cuda.current_stream(device))
+    else:
+        out.copy_(torch.from_numpy(np.asarray(sample)))
+
+
 def _samples(tensor_list) -> list[np.ndarray]:
-    if isinstance(tensor_list, TensorListGPU):
-        tensor_list = tensor_list.as_cpu()
+    """The samples of a CPU TensorList as numpy arrays (copies: DALI reuses its buffers)."""
     return [np.array(tensor_list.at(i)) for i in range(len(tensor_list))]
 
 
-def ragged_to_torch(tensor_list, device: torch.device) -> list[torch.Tensor]:
-    """Per-sample tensors of a (possibly non-uniform) DALI TensorList on `device`, copied;
-    GPU samples are copied on the device, on the current stream (no host round trip)."""
-    if isinstance(tensor_list, TensorListGPU) and device.type == "cuda":
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
-        out = []
-        for i in range(len(tensor_list)):
-            sample = tensor_list[i]
-            t = torch.empty(sample.shape(), dtype=to_torch_type[sample.dtype], device=device)
-            if t.numel():
-                feed_ndarray(sample, t, cuda_stream=torch.cuda.current_stream(device))
-            out.append(t)
-        return out
-    return [torch.from_numpy(a).to(device) for a in _samples(tensor_list)]
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.uint8)

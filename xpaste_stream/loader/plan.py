@@ -140,24 +140,6 @@ def assemble(image_ids: np.ndarray, image_sizes: np.ndarray, lsj: tuple, counts:
     return plan
 
 
-
-def paste_geometry(plan: PastePlan, size: int, pad: int = 0) -> dict[str, np.ndarray]:
-    """Where each slot's crop (the instance grown by `pad` on every side) lands on the canvas,
-    as (B, K, 2) int32 arrays: `start` its top-left corner and `shape` its (h, w); `paste_from`
-    / `paste_to` the top-left of its on-canvas part in crop / canvas pixels and `extent` that
-    part's (h, w); and `on` (B, K): whether anything lands (False for an empty slot or a crop
-    entirely off the canvas; its other entries are then zero)."""
-    start = plan.pos - pad
-    top = np.clip(start, 0, size)
-    bottom = np.clip(start + plan.size + 2 * pad, 0, size)
-    on = plan.active & (bottom > top).all(-1)
-    extent = np.where(on[..., None], bottom - top, 0).astype(np.int32)
-    paste_to = np.where(on[..., None], top, 0).astype(np.int32)
-    paste_from = np.where(on[..., None], top - start, 0).astype(np.int32)
-    return {"start": start.astype(np.int32), "shape": (plan.size + 2 * pad).astype(np.int32),
-            "paste_from": paste_from, "paste_to": paste_to, "extent": extent, "on": on}
-
-
 def lsj_window(plan: PastePlan, size: int) -> dict[str, list]:
     """The LSJ of `plan` as one ROI resize: the window [y0, y0 + S) x [x0, x0 + S) of the image
     resized to `lsj_size`, in input pixels (x reversed for a flip), its output size (the

@@ -63,13 +63,33 @@ def keeps(obj: _Object, paste: PasteConfig) -> bool:
     return area > 0 and (shift <= paste.keep_max_box_shift or area > paste.keep_min_area)
 
 
+def over(under: np.ndarray, colour: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Integer "over": (under (255 - w) + colour w + 127) // 255 per channel, w in [0, 255]."""
+    w = weight.astype(np.int64)[..., None]
+    return ((under.astype(np.int64) * (255 - w) + colour.astype(np.int64) * w + 127) // 255
+            ).astype(np.uint8)
+
+
+def gaussian_weight(hard: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """The hard mask (h, w) blurred by the separable integer taps, zero padded by r on every
+    side: (h + 2r, w + 2r) weights in [0, 255] (1/65536 sums rounded to 1/255)."""
+    r = len(taps) // 2
+    padded = np.pad(hard.astype(np.int64), r)
+    rows = np.stack([np.convolve(line, taps, mode="same") for line in padded])
+    both = np.stack([np.convolve(col, taps, mode="same") for col in rows.T]).T
+    return ((both * 255 + (1 << 15)) >> 16).astype(np.uint8)
+
+
 def composite(background: np.ndarray, real_masks: np.ndarray, real_labels, pastes: list[Paste],
               paste: PasteConfig) -> tuple[np.ndarray, dict]:
-    """(image (S, S, 3) uint8, targets with numpy boxes/labels/masks/source)."""
-    if paste.blending == "gaussian":
-        raise ValueError("the reference covers 'hard' and 'alpha' blending")
+    """(image (S, S, 3) uint8, targets with numpy boxes/labels/masks/source). Blending is in
+    integers: hard copies where alpha >= threshold; alpha and gaussian lay the crop "over" the
+    canvas with its alpha or with the gaussian-blurred hard mask (the crop's colours extended
+    from its edge over the blur's reach)."""
+    from .composite import gaussian_taps
+
     size = background.shape[0]
-    canvas = background.astype(np.float32)
+    canvas = background.copy()
     objects = [_Object(m.astype(bool), box_of(m), int(c), 0)
                for m, c in zip(real_masks, real_labels, strict=True)]
     objects = [o for o in objects if o.mask.any()]
@@ -77,21 +97,26 @@ def composite(background: np.ndarray, real_masks: np.ndarray, real_labels, paste
         layer = on_canvas(p.rgba, p.y, p.x, size)
         mask = layer[:, :, 3] >= paste.mask_threshold
         if paste.blending == "hard":
-            weight = mask.astype(np.float32)
+            canvas[mask] = layer[:, :, :3][mask]
+        elif paste.blending == "alpha":
+            canvas = over(canvas, layer[:, :, :3], layer[:, :, 3])
         else:
-            weight = layer[:, :, 3].astype(np.float32) / np.float32(255.0)
-        canvas = canvas + weight[:, :, None] * (layer[:, :, :3].astype(np.float32) - canvas)
+            taps = gaussian_taps(paste.gaussian_sigma)
+            r = len(taps) // 2
+            weight = gaussian_weight(p.rgba[:, :, 3] >= paste.mask_threshold, taps)
+            colour = np.pad(p.rgba[:, :, :3], ((r, r), (r, r), (0, 0)), mode="edge")
+            canvas = over(canvas, on_canvas(colour, p.y - r, p.x - r, size),
+                          on_canvas(weight, p.y - r, p.x - r, size))
         for obj in objects:
             obj.mask = obj.mask & ~mask
         objects = [o for o in objects if keeps(o, paste)]
         if mask.any():
             objects.append(_Object(mask, box_of(mask), p.label, 1))
-    image = np.floor(canvas + np.float32(0.5)).astype(np.uint8)
     targets = {"boxes": np.array([box_of(o.mask) for o in objects], np.float32).reshape(-1, 4),
                "labels": np.array([o.label for o in objects], np.int64),
                "masks": np.array([o.mask for o in objects], np.uint8).reshape(-1, size, size),
                "source": np.array([o.source for o in objects], np.uint8)}
-    return image, targets
+    return canvas, targets
 
 
 def pastes_of(batch, i: int) -> list[Paste]:
@@ -105,22 +130,24 @@ def pastes_of(batch, i: int) -> list[Paste]:
 
 
 def bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize without antialiasing, pixel centres aligned (what the loader asks DALI
-    for, and what cv2.INTER_LINEAR does), rounded to uint8; written out in numpy."""
+    """Bilinear resize without antialiasing, pixel centres aligned, in fixed point: source
+    coordinate (o + 0.5) n_in / n_out - 0.5 and weights in 1/2048 (OpenCV's INTER_LINEAR
+    precision), the result rounded; written out in numpy, axis by axis."""
     ih, iw = image.shape[:2]
 
     def axis(n_out: int, n_in: int):
-        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-        lo = np.floor(src).astype(np.int64)
-        return lo, np.minimum(lo + 1, n_in - 1), (src - lo).astype(np.float32)
+        q = ((2 * np.arange(n_out, dtype=np.int64) + 1) * n_in - n_out) * 1024 // n_out
+        q = np.clip(q, 0, (n_in - 1) * 2048)
+        lo = q >> 11
+        return lo, np.minimum(lo + 1, n_in - 1), q - (lo << 11)
 
-    y0, y1, wy = axis(out_h, ih)
-    x0, x1, wx = axis(out_w, iw)
-    img = image.astype(np.float32)
-    top = img[y0][:, x0] * (1 - wx)[None, :, None] + img[y0][:, x1] * wx[None, :, None]
-    bottom = img[y1][:, x0] * (1 - wx)[None, :, None] + img[y1][:, x1] * wx[None, :, None]
-    out = top * (1 - wy)[:, None, None] + bottom * wy[:, None, None]
-    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+    y0, y1, fy = axis(out_h, ih)
+    x0, x1, fx = axis(out_w, iw)
+    img = image.astype(np.int64)
+    fx, fy = fx[None, :, None], fy[:, None, None]
+    top = img[y0][:, x0] * (2048 - fx) + img[y0][:, x1] * fx
+    bottom = img[y1][:, x0] * (2048 - fx) + img[y1][:, x1] * fx
+    return ((top * (2048 - fy) + bottom * fy + (1 << 21)) >> 22).astype(np.uint8)
 
 
 def lsj_image(image: np.ndarray, lsj_size, lsj_offset, flip: bool, size: int) -> np.ndarray:
@@ -139,12 +166,12 @@ def lsj_image(image: np.ndarray, lsj_size, lsj_offset, flip: bool, size: int) ->
 
 def lsj_mask(mask: np.ndarray, lsj_size, lsj_offset, flip: bool, size: int) -> np.ndarray:
     """Nearest-neighbour LSJ of a full-resolution mask: output pixel (r, c) of the window takes
-    the source pixel under its centre, floor((y0 + r + 0.5) h / nh)."""
+    the source pixel under its centre, floor((y0 + r + 0.5) h / nh), in integers."""
     (h, w), (nh, nw), (y0, x0) = mask.shape, (int(v) for v in lsj_size), (int(v) for v in lsj_offset)
     rows = np.arange(y0, min(nh, y0 + size))
     cols = np.arange(x0, min(nw, x0 + size))
-    src_r = np.minimum(((rows + 0.5) * h / nh).astype(np.int64), h - 1)
-    src_c = np.minimum(((cols + 0.5) * w / nw).astype(np.int64), w - 1)
+    src_r = np.minimum((2 * rows + 1) * h // (2 * nh), h - 1)
+    src_c = np.minimum((2 * cols + 1) * w // (2 * nw), w - 1)
     out = np.zeros((size, size), np.uint8)
     out[:len(rows), :len(cols)] = mask[src_r][:, src_c]
     return out[:, ::-1].copy() if flip else out

@@ -8,15 +8,14 @@ call `SampleSource.sample` directly. Per image it does, on the host:
   (unpacked from bits: ~box area of work per object, no full-resolution decode);
 - draw LSJ, the number of pastes, instances (corrupt bytes: redrawn from the same generator),
   sizes, positions and flips;
-- check each instance's JPEG headers and decode its alpha PNG (OpenCV; ~30 us for a typical
-  mask), so the graph gets raw alpha: no PNG decoder in the graph, none on the CPU in GPU mode.
+- check each instance's JPEG headers and inflate its alpha (LZ4, ~8 us), so the main process
+  gets raw alphas and JPEG bytes that its one batched decoder call can take (wire.py).
 A damaged background is skipped, counted and named at its own position, and the next position
 of the epoch's order stands in for it, so the batch stays full and the order deterministic.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import struct
 
@@ -27,17 +26,10 @@ from .. import formats
 from .backgrounds import BackgroundIndex, ShardFiles
 from .config import LoaderConfig, PasteConfig
 from .order import batches_per_rank, epoch_order, position
-from .pipeline import crop_padding, input_names, pack_slots
-from .plan import CategoryStats, PastePlan, Planner, assemble, lsj_window, paste_geometry
+from .plan import CategoryStats, Planner, assemble, lsj_window
 from .sources import image_size, jpeg_size
+from .wire import COUNTERS, WIRE, pack_plan
 
-COUNTERS = ("backgrounds_corrupt", "backgrounds_substituted", "instances_corrupt",
-            "instances_given_up", "pastes_too_small")
-PLAN_HEAD = 10    # image_id, h, w, lsj_h, lsj_w, lsj_y, lsj_x, lsj_flip, position, background
-PLAN_SLOT = 7     # id, label, h, w, y, x, flip
-PLACEHOLDER_JPEG = np.frombuffer(formats.encode_jpeg(np.zeros((8, 8, 3), np.uint8)), np.uint8)
-PLACEHOLDER_ALPHA = np.zeros((8, 8, 1), np.uint8)
-PLACEHOLDER_LZ4 = np.frombuffer(formats.encode_alpha(PLACEHOLDER_ALPHA[:, :, 0]), np.uint8)
 MAX_SUBSTITUTES = 64
 # what damaged bytes raise while a sample is read and parsed (json, zstd, mask bits, struct)
 DAMAGE = (formats.FormatError, ValueError, KeyError, TypeError, IndexError, OSError,
@@ -49,12 +41,11 @@ class SampleError(RuntimeError):
 
 
 class SampleSource:
-    """DALI's callable: `source(SampleInfo)` -> the tuple of `pipeline.input_names`, for the
-    rank's epoch `run` (set before the pipeline starts; see `CopyPasteLoader`)."""
+    """DALI's callable: `source(SampleInfo)` -> the arrays of `wire.WIRE`, for the rank's
+    epoch `run` (set before the pipeline starts; see `CopyPasteLoader`)."""
 
     def __init__(self, index: BackgroundIndex, factors: np.ndarray, bank, categories_doc: dict,
-                 paste: PasteConfig, config: LoaderConfig, plan_hook=None,
-                 device_alpha: bool = False):
+                 paste: PasteConfig, config: LoaderConfig, plan_hook=None):
         from ..bank import make_sampler
 
         self.index, self.factors = index, factors
@@ -65,17 +56,9 @@ class SampleSource:
                                     category_meta=categories_doc
                                     if paste.category_sampling == "repeat_factor" else None)
         self.plan_hook = plan_hook
-        self.device_alpha = device_alpha  # alphas as LZ4 blocks, inflated on the GPU
         self.files = ShardFiles()
-        self.names = input_names()
         self.run = (0, 0, 1, 0, 1, 0)  # epoch, start, batch size, rank, world size, samples
         self._orders: dict[int, np.ndarray] = {}
-
-    def with_device_alpha(self, device_alpha: bool) -> SampleSource:
-        """A copy giving the alphas as a GPU pipeline wants them (LZ4 blocks) or raw."""
-        other = copy.copy(self)
-        other.device_alpha = device_alpha
-        return other
 
     # -- what DALI calls ------------------------------------------------------------------------
 
@@ -94,7 +77,7 @@ class SampleSource:
             raise StopIteration
         pos = position(start, info.idx_in_epoch, batch, rank, world)
         columns = self.sample(epoch, pos)
-        return tuple(columns[name] for name in self.names)
+        return tuple(columns[name] for name in WIRE)
 
     # -- the sample function --------------------------------------------------------------------
 
@@ -112,24 +95,30 @@ class SampleSource:
                                              world_size, self.config.drop_last)
 
     def sample(self, epoch: int, pos: int) -> dict[str, np.ndarray]:
-        """All inputs of the sample at global position `pos` of `epoch`, by name."""
+        """All arrays of `wire.WIRE` for the sample at global position `pos` of `epoch`."""
         counts = dict.fromkeys(COUNTERS, 0)
         skipped: list[list[str]] = []
         background = self._background(epoch, pos, counts, skipped)
         rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, epoch, pos, 0x5A]))
-        plan, alphas, jpegs = self._plan(background, rng, counts, skipped)
-        columns = self._graph_inputs(background, plan, jpegs, alphas)
-        head = [background["image_id"], *background["size"], *plan.lsj_size[0],
-                *plan.lsj_offset[0], int(plan.lsj_flip[0]), pos, background["index"]]
-        slots = np.stack([plan.ids[0], plan.labels[0], plan.size[0, :, 0], plan.size[0, :, 1],
-                          plan.pos[0, :, 0], plan.pos[0, :, 1], plan.flip[0].astype(np.int64)], 1)
-        columns.update(
-            real_boxes=background["boxes"], real_bits=background["bits"],
-            real_labels=background["labels"],
-            plan_row=np.concatenate([np.asarray(head, np.int64), slots.reshape(-1),
-                                     np.asarray([counts[c] for c in COUNTERS], np.int64)]),
-            skipped=np.frombuffer(json.dumps(skipped).encode(), np.uint8))
-        return columns
+        plan, payloads = self._plan(background, rng, counts, skipped)
+        active = [payloads[int(i)] for i in plan.ids[0] if i >= 0]
+        src_size = np.zeros((self.paste.slots, 2), np.int32)
+        jpg_len = np.zeros(self.paste.slots, np.int64)
+        src_size[plan.active[0]] = [a.shape for _, a in active] or np.zeros((0, 2))
+        jpg_len[plan.active[0]] = [len(j) for j, _ in active]
+        window = {name: value[0] for name, value in lsj_window(plan, self.paste.output_size).items()}
+        return {
+            "bg_bytes": background["data"],
+            "lsj_roi": np.concatenate([window["lsj_roi_start"], window["lsj_roi_end"],
+                                       window["lsj_out_size"]]).astype(np.float32),
+            "lsj_pad": window["lsj_pad_start"].astype(np.int32),
+            "plan": pack_plan(plan, pos, background["index"], src_size, jpg_len, counts),
+            "inst_jpegs": np.concatenate([j for j, _ in active] or [np.zeros(0, np.uint8)]),
+            "inst_alphas": np.concatenate([a.reshape(-1) for _, a in active]
+                                          or [np.zeros(0, np.uint8)]),
+            "real_boxes": background["boxes"], "real_bits": background["bits"],
+            "real_labels": background["labels"],
+            "skipped": np.frombuffer(json.dumps(skipped).encode(), np.uint8)}
 
     def _background(self, epoch: int, pos: int, counts: dict, skipped: list) -> dict:
         order = self.order(epoch)
@@ -159,14 +148,14 @@ class SampleSource:
             raise formats.FormatError(f"image bytes damaged or not {h}x{w} as its json says")
         boxes = np.asarray([a["mask_box"] for a in anns], np.int32).reshape(-1, 4)
         packed = zstandard.ZstdDecompressor().decompress(files.read(index, i, "masks.zst"))
-        bits = formats.unpack_mask_crops(boxes, packed)
+        bits = packed_mask_crops(boxes, packed)
         labels = np.asarray([a["category_id"] for a in anns], np.int64)
         if self.paste.drop_crowd:
             keep = np.asarray([not a.get("iscrowd") for a in anns], bool)
             if not keep.all():
-                areas = boxes[:, 2].astype(np.int64) * boxes[:, 3]
-                ends = np.cumsum(areas)
-                bits = np.concatenate([bits[e - a:e] for a, e, k in zip(areas, ends, keep, strict=True)
+                nbytes = (boxes[:, 2].astype(np.int64) * boxes[:, 3] + 7) // 8
+                ends = np.cumsum(nbytes)
+                bits = np.concatenate([bits[e - n:e] for n, e, k in zip(nbytes, ends, keep, strict=True)
                                        if k] or [np.zeros(0, np.uint8)])
                 boxes, labels = boxes[keep], labels[keep]
         if len(boxes) and ((boxes[:, 0] + boxes[:, 2] > h) | (boxes[:, 1] + boxes[:, 3] > w)).any():
@@ -175,6 +164,7 @@ class SampleSource:
                 "image_id": int(meta["image_id"]), "boxes": boxes, "bits": bits, "labels": labels}
 
     def _plan(self, background: dict, rng: np.random.Generator, counts: dict, skipped: list):
+        """The one-image plan and the {instance id: (JPEG bytes, alpha (h, w))} it uses."""
         planner, bank, paste = self.planner, self.bank, self.paste
         sizes = np.asarray([background["size"]], np.int32)
         lsj = planner.draw_lsj(sizes, rng)
@@ -193,14 +183,7 @@ class SampleSource:
             plan = self.plan_hook(plan)
             extra = sorted(set(plan.ids[plan.active].tolist()) - set(fetched))
             fetched.update(zip(extra, (self._decoded(bank.read(i), i) for i in extra), strict=True))
-        jpegs, alphas = [], []
-        for k in range(paste.slots):
-            iid = int(plan.ids[0, k])
-            empty = PLACEHOLDER_LZ4 if self.device_alpha else PLACEHOLDER_ALPHA
-            jpg, alpha = fetched[iid] if iid >= 0 else (PLACEHOLDER_JPEG, empty)
-            jpegs.append(jpg)
-            alphas.append(alpha)
-        return plan, alphas, jpegs
+        return plan, fetched
 
     def _draw_instances(self, n: int, rng: np.random.Generator, counts: dict, skipped: list):
         """n instance ids and their (jpeg bytes, alpha) payloads; an id whose bytes stay damaged
@@ -227,10 +210,8 @@ class SampleSource:
         return ids, payloads
 
     def _decoded(self, payload: dict, iid: int):
-        """(JPEG bytes, alpha) when the JPEG headers are intact and the mask decodes to the
-        instance's size, else None. The alpha goes to the graph raw, (h, w, 1), or on a GPU as
-        the LZ4 block the device inflates (checked here by inflating it, ~8 us; a /1 bank's
-        PNG is decoded and recompressed)."""
+        """(JPEG bytes, alpha (h, w) uint8) when the JPEG headers are intact and the mask
+        decodes to the instance's size, else None (a /1 bank's PNG alpha is decoded too)."""
         w, h = (int(v[0]) for v in self.bank.sizes_of([iid]))
         if jpeg_size(payload["jpg"]) != (h, w):
             return None
@@ -239,19 +220,7 @@ class SampleSource:
             alpha = formats.decode_alpha(data, component, w, h)
         except formats.FormatError:
             return None
-        if self.device_alpha:
-            block = data if component == "mask.lz4" else formats.encode_alpha(alpha)
-            return np.frombuffer(payload["jpg"], np.uint8), np.frombuffer(block, np.uint8)
-        return np.frombuffer(payload["jpg"], np.uint8), alpha[:, :, None]
-
-    def _alpha_shapes(self, plan: PastePlan) -> np.ndarray:
-        """(K, 3) int32 (h, w, 1) of each slot's alpha (8 x 8 for the placeholder): what the GPU
-        inflates each LZ4 block to."""
-        ids = plan.ids[0]
-        w, h = self.bank.sizes_of(np.maximum(ids, 0))
-        active = ids >= 0
-        return np.stack([np.where(active, h, 8), np.where(active, w, 8),
-                         np.ones_like(ids)], 1).astype(np.int32)
+        return np.frombuffer(payload["jpg"], np.uint8), alpha
 
     def _instance_shard(self, iid: int) -> str:
         try:
@@ -259,48 +228,12 @@ class SampleSource:
         except (AttributeError, KeyError, IndexError):
             return str(getattr(self.bank, "path", "bank"))
 
-    def _graph_inputs(self, background: dict, plan: PastePlan, jpegs, alphas) -> dict:
-        """The arrays of pipeline.GRAPH_INPUTS (layout documented there)."""
-        size, k = self.paste.output_size, self.paste.slots
-        geometry = paste_geometry(plan, size, crop_padding(self.paste))
-        whole = np.broadcast_to(np.array([0, 0, size, size], np.int32), (k, 4))
-        window = {name: value[0] for name, value in lsj_window(plan, size).items()}
-        jpg_len = np.array([len(j) for j in jpegs])
-        alpha_len = np.array([a.size for a in alphas])
-        slot_ints = pack_slots({
-            "flip": plan.flip[0], "pos": plan.pos[0], "on": geometry["on"][0],
-            "crop_start": geometry["start"][0], "crop_shape": geometry["shape"][0],
-            # multi_paste regions: the whole canvas, then the crop's on-canvas part
-            "in_anchors": np.concatenate([whole[:, :2], geometry["paste_from"][0]], 1),
-            "out_anchors": np.concatenate([whole[:, :2], geometry["paste_to"][0]], 1),
-            "paste_shapes": np.concatenate([whole[:, 2:], geometry["extent"][0]], 1),
-            "jpg_at": np.stack([np.cumsum(jpg_len) - jpg_len, jpg_len], 1),
-            "alpha_at": np.stack([np.cumsum(alpha_len) - alpha_len, alpha_len], 1),
-            "alpha_shape": self._alpha_shapes(plan)})
-        return {
-            "bg_bytes": background["data"],
-            "lsj_roi": np.concatenate([window["lsj_roi_start"], window["lsj_roi_end"],
-                                       window["lsj_out_size"]]).astype(np.float32),
-            "lsj_pad": window["lsj_pad_start"].astype(np.int32),
-            "slot_size": plan.size[0].astype(np.float32),
-            "slot_ints": slot_ints,
-            "jpg_blob": np.concatenate(jpegs),
-            "alpha_blob": np.concatenate([a.reshape(-1) for a in alphas]),
-        }
 
-
-def counts_from_rows(rows: np.ndarray, slots: int) -> np.ndarray:
-    """(B, len(COUNTERS)) skip counters from the per-sample `plan_row` vectors."""
-    return rows[:, PLAN_HEAD + PLAN_SLOT * slots:]
-
-
-def plan_from_rows(rows: np.ndarray, slots: int) -> PastePlan:
-    """The batch's PastePlan from the per-sample `plan_row` vectors (B, PLAN_HEAD + 7K + C)."""
-    head = rows[:, :PLAN_HEAD]
-    slot = rows[:, PLAN_HEAD:PLAN_HEAD + PLAN_SLOT * slots].reshape(len(rows), slots, PLAN_SLOT)
-    return PastePlan(
-        image_ids=head[:, 0].copy(), image_sizes=head[:, 1:3].astype(np.int32),
-        lsj_size=head[:, 3:5].astype(np.int32), lsj_offset=head[:, 5:7].astype(np.int32),
-        lsj_flip=head[:, 7].astype(bool), ids=slot[..., 0].copy(), labels=slot[..., 1].copy(),
-        size=slot[..., 2:4].astype(np.int32), pos=slot[..., 4:6].astype(np.int32),
-        flip=slot[..., 6].astype(bool))
+def packed_mask_crops(boxes: np.ndarray, packed: bytes) -> np.ndarray:
+    """The packed bits of `masks.zst` as uint8, checked against the boxes (each crop's bits
+    start on a byte); raises FormatError when they do not match."""
+    bits = np.frombuffer(packed, np.uint8)
+    need = int(((boxes[:, 2].astype(np.int64) * boxes[:, 3] + 7) // 8).sum())
+    if need != len(bits):
+        raise formats.FormatError(f"masks.zst holds {len(bits)} bytes, its boxes need {need}")
+    return bits
