@@ -152,6 +152,9 @@ def open_run(stage: str, pattern: str, settings: dict, *, overwrite: bool = Fals
     each), or holds shards without a manifest. `overwrite` removes the shard set (and
     `extra_outputs`, files the stage writes beside it) first.
     """
+    from .shards import lock_output
+
+    lock_output(pattern, stage)  # one writer per shard set: a second is refused here
     path = manifest_path(pattern)
     if overwrite:
         for f in output_files(pattern) + [p for p in extra_outputs if urls.exists(p)] + [path]:

@@ -155,11 +155,14 @@ class SampleSource:
         meta, anns = formats.read_background({"__key__": index.key[i], "json": files.read(index, i, "json"),
                                               "ann.zst": files.read(index, i, "ann.zst")})
         h, w = int(meta["height"]), int(meta["width"])
+        formats.check_image_dims(h, w, "background")  # before DALI's decoder sees the bytes
         if image_size(data) != (h, w):
             raise formats.FormatError(f"image bytes damaged or not {h}x{w} as its json says")
         boxes = np.asarray([a["mask_box"] for a in anns], np.int32).reshape(-1, 4)
-        packed = zstandard.ZstdDecompressor().decompress(files.read(index, i, "masks.zst"))
-        bits = formats.unpack_mask_crops(boxes, packed)
+        if len(boxes) and ((boxes[:, :2] < 0) | (boxes[:, 0:1] + boxes[:, 2:3] > h)
+                           | (boxes[:, 1:2] + boxes[:, 3:4] > w)).any():
+            raise formats.FormatError("an annotation's mask box lies outside the image")
+        bits = formats.unzstd_masks(files.read(index, i, "masks.zst"), boxes)
         labels = np.asarray([a["category_id"] for a in anns], np.int64)
         if self.paste.drop_crowd:
             keep = np.asarray([not a.get("iscrowd") for a in anns], bool)
