@@ -167,7 +167,7 @@ def _bucket(url: str) -> str:
 
 
 def _filesystem(url: str):
-    return urls.filesystem(url, retries=1)  # timeouts on; this module's loop retries
+    return urls.filesystem(url, own_retries=True)  # timeouts on; this module's loop retries
 
 
 _CACHE: dict[int, BlockCache] = {}

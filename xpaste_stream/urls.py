@@ -32,29 +32,35 @@ def timeouts() -> tuple[float, float]:
             _env_float("XPASTE_REMOTE_READ_TIMEOUT_S", 20.0))
 
 
-def fs_options(url: str, retries: int | None = None) -> dict:
+def fs_options(url: str, own_retries: bool = False) -> dict:
     """Storage options the filesystem of `url` is made with. For S3: connect and read timeouts
     (so a store that accepts the connection and then stays silent ends a request instead of
-    holding it forever), botocore's own retries off, and `retries` attempts inside s3fs
-    (default 3; remote.py passes 1: its loop owns retries and backoff). Settings the user gave
-    in fsspec's config win."""
+    holding it forever) and botocore's own retries off (s3fs retries timeouts and dropped
+    connections itself, 5 attempts). `own_retries`: for a caller whose loop retries (remote.py),
+    a filesystem instance of its own (s3fs then makes one attempt: see `filesystem`). Settings
+    the user gave in fsspec's config win."""
     if not url.startswith(("s3://", "s3a://")):
         return {}
     import fsspec.config
 
-    user = fsspec.config.conf.get("s3", {})
     connect, read = timeouts()
     config = {"connect_timeout": connect, "read_timeout": read,
               "retries": {"total_max_attempts": 1, "mode": "standard"},
-              **user.get("config_kwargs", {})}
-    return {"config_kwargs": config, "retries": user.get("retries", 3 if retries is None else retries)}
+              **fsspec.config.conf.get("s3", {}).get("config_kwargs", {})}
+    if own_retries:
+        config["user_agent_extra"] = "xpaste-stream-block-cache"
+    return {"config_kwargs": config}
 
 
-def filesystem(url: str, retries: int | None = None):
-    """(fsspec filesystem, path) of a remote `url`, with `fs_options`."""
+def filesystem(url: str, own_retries: bool = False):
+    """(fsspec filesystem, path) of a remote `url`, with `fs_options`; with `own_retries`,
+    s3fs makes one attempt per request (the caller retries)."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url, **fs_options(url, retries))
+    fs, path = fsspec.core.url_to_fs(url, **fs_options(url, own_retries))
+    if own_retries and hasattr(fs, "retries"):
+        fs.retries = 1
+    return fs, path
 
 
 def local_path(url: str) -> str:
