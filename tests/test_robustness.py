@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -21,7 +22,6 @@ import zstandard
 from test_loader_fixtures import default_backgrounds, write_backgrounds, write_bank, write_categories
 
 from xpaste_stream import formats
-from xpaste_stream.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -190,9 +190,10 @@ def test_oversized_backgrounds_are_skipped_named_and_memory_stays_bounded(tmp_pa
 
 
 def test_oversized_instance_is_skipped_not_a_crash(tmp_path):
+    from test_loader_fixtures import instance
+
     from xpaste_stream.bank import build_index
     from xpaste_stream.shards import ShardWriter
-    from test_loader_fixtures import instance
 
     writer = ShardWriter(str(tmp_path / "inst" / "inst-{shard:06d}.tar"), maxcount=100)
     writer.resume()
@@ -250,3 +251,165 @@ def test_oversized_evaluate_input_is_skipped_before_decoding():
     """)
     assert r.get("ids") == [2], r
     assert r["peak_mb"] - r["before_mb"] < 100, r
+
+
+# -- 6: stale .idx ---------------------------------------------------------------------------------
+
+
+def test_stale_index_is_refused_by_the_loader_and_reported_by_inspect(tmp_path):
+    import shutil
+
+    from xpaste_stream.inspect import inspect_shards
+    from xpaste_stream.loader import CopyPasteLoader, LoaderError, PasteConfig
+
+    bg = tmp_path / "bg"
+    bg.mkdir()
+    urls = write_backgrounds(str(bg), default_backgrounds(8), per_shard=4)
+    write_categories(str(bg), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    shutil.copy(urls[1][:-4] + ".idx", urls[0][:-4] + ".idx")  # another shard's index
+    bank = write_bank(str(tmp_path))
+    with pytest.raises(LoaderError, match=r"bg-000000.idx is stale"):
+        CopyPasteLoader(urls, bank, PasteConfig(output_size=128))
+    report = inspect_shards(urls)
+    assert [d["reason"] for d in report.damaged] == ["stale_index"]
+    assert report.damaged[0]["shard"] == urls[0] and report.has_problems
+
+
+# -- 7: one writer per shard set ---------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_before_work_and_a_dead_ones_lock_taken_over(tmp_path):
+    out = str(tmp_path / "gen" / "gen-{shard:06d}.tar")
+    cmd = [sys.executable, "-m", "xpaste_stream.cli", "generate", "-o", out, "--num-categories",
+           "4", "--images-per-category", "40", "--image-size", "128", "--maxcount", "20"]
+    lock = tmp_path / "gen" / "gen-writer.lock"
+    first = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 60
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)  # hold the first mid-run, whatever the machine's speed
+    try:
+        second = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"pid {first.pid}" in second.stderr and "being written by another run" in second.stderr
+    assert not lock.exists()  # released at the end
+    # a lock left by a killed run: taken over with a message
+    lock.write_text(json.dumps({"pid": 999999, "host": "h", "stage": "generate", "started": "t"}))
+    again = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "taking over" in again.stderr and "pid 999999" in again.stderr
+
+
+# -- 8: a bank shard that vanished ---------------------------------------------------------------
+
+
+def test_vanished_bank_shard_is_refused_before_the_first_batch(tmp_path, capsys):
+    from xpaste_stream.bank import BankError
+    from xpaste_stream.cli import main
+    from xpaste_stream.loader import CopyPasteLoader, PasteConfig
+
+    bg = tmp_path / "bg"
+    bg.mkdir()
+    urls = write_backgrounds(str(bg), default_backgrounds(4))
+    write_categories(str(bg), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    bank = write_bank(str(tmp_path))
+    gone = sorted((tmp_path / "inst").glob("*.tar"))[0]
+    gone.unlink()
+    with pytest.raises(BankError, match=f"shard {gone} not found"):
+        CopyPasteLoader(urls, bank, PasteConfig(output_size=128))
+    code = main(["train", "--backgrounds", str(bg / "bg-*.tar"), "--bank", bank, "--backbone",
+                 "tiny", "--size", "128", "--max-steps", "1", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(gone) in err and "Traceback" not in err
+
+
+# -- 9: pipeline outputs checked before any stage ---------------------------------------------------
+
+
+def test_unusable_later_output_is_refused_before_any_stage(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    toml = tmp_path / "p.toml"
+    toml.write_text(textwrap.dedent(f"""
+        [pipeline]
+        name = "t"
+        stages = ["scenes", "pack_coco"]
+        [scenes]
+        output = "{tmp_path / 'scenes'}"
+        num_images = 4
+        num_categories = 3
+        height = 64
+        width = 64
+        [pack_coco]
+        output = "{blocker}/bg/bg-{{shard:06d}}.tar"
+        workers = 1
+    """))
+    for extra in (["--check"], []):
+        out = subprocess.run([sys.executable, "-m", "xpaste_stream.cli", "run", str(toml), *extra],
+                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "pack_coco.output" in out.stderr and "is a file, not a folder" in out.stderr
+        assert not (tmp_path / "scenes").exists()
+    from xpaste_stream.urls import output_problem
+
+    assert "pseudo filesystem" in output_problem("/proc/self/out")
+
+
+# -- 10: pack-coco file names outside the image folder ---------------------------------------------
+
+
+def test_pack_coco_skips_file_names_outside_the_image_folder(tmp_path, coco_dataset):
+    from xpaste_stream.pack import PackCocoConfig, run_pack_coco
+
+    annotations, images = coco_dataset
+    with open(annotations) as f:
+        doc = json.load(f)
+    first, second = doc["images"][0], doc["images"][1]
+    outside = os.path.join(os.path.dirname(os.path.abspath(images)), "outside")
+    os.makedirs(outside)
+    for im, name in ((first, "../outside/a.jpg"), (second, os.path.join(outside, "b.jpg"))):
+        src = os.path.join(images, im["file_name"])
+        dst = os.path.normpath(os.path.join(images, name))
+        os.replace(src, dst)
+        im["file_name"] = name
+    with open(annotations, "w") as f:
+        json.dump(doc, f)
+    summary = run_pack_coco(PackCocoConfig(annotations, images, str(tmp_path / "o1" / "bg-{shard:06d}.tar"),
+                                           workers=1), progress=False)
+    assert summary["failures"] == {"image_outside_folder": 2}
+    allowed = run_pack_coco(PackCocoConfig(annotations, images, str(tmp_path / "o2" / "bg-{shard:06d}.tar"),
+                                           workers=1, allow_outside_images=True), progress=False)
+    assert allowed["failures"] == {} and allowed["samples"] == summary["samples"] + 2
+
+
+# -- 11: a dotted background key ------------------------------------------------------------------
+
+
+def test_dotted_background_key_is_named_as_such(tmp_path):
+    import io
+
+    from xpaste_stream.loader.backgrounds import BackgroundIndex, ShardFiles
+
+    sample = default_backgrounds(1)[0]
+    path = tmp_path / "bg-000000.tar"
+    lines = []
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        entries = []
+        for ext, data in sample.items():
+            if ext.startswith("__"):
+                continue
+            info = tarfile.TarInfo(f"img.0001.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            entries.append(f"0001.{ext} {tar.offset - (len(data) + 511) // 512 * 512} {len(data)} "
+                           f"img.0001.{ext}")
+        lines.append(" ".join(entries))
+    (tmp_path / "bg-000000.idx").write_text("v1.2 1\n" + "\n".join(lines) + "\n")
+    index = BackgroundIndex.build([str(path)])
+    assert index.key == ["img.0001"]
+    with pytest.raises(formats.FormatError, match="'img.0001' contains a dot"):
+        ShardFiles().read(index, 0, "image")
