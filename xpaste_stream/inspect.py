@@ -243,7 +243,7 @@ def _note_key(key: str, url: str, report: ShardReport) -> None:
 
 def _check_sidecars(url: str, read: int, damaged: bool, report: ShardReport) -> None:
     """The DALI index and stats beside a shard: present, agreeing with it, recorded failures."""
-    problem = _stale_index(url)
+    problem = None if damaged and not read else _stale_index(url)  # not a tar: said already
     keys = None if problem else index_keys(url)
     if problem:
         report.damaged.append({"shard": url, "reason": "stale_index", "detail": problem})

@@ -103,14 +103,16 @@ def lock_path(pattern: str) -> str:
     return urls.sidecar_path(pattern, LOCK_SUFFIX)
 
 
-def lock_output(pattern: str, stage: str = "write") -> None:
+def lock_output(pattern: str, stage: str = "write", check_only: bool = False) -> None:
     """Make this process the one writer of shard set `pattern`, before any work: an exclusive
     `flock` on a lock file beside the shards that records the owner (pid, host, start time,
     command). A second writer is refused (ConfigError: exit 2) naming the running one. The
     kernel drops the lock when its owner dies however it dies, so a lock file left behind by a
     killed run is taken over, with a message. Held until `unlock_output` or the process ends;
     taking it again in the same process is a no-op. Object-store outputs have no lock (no
-    atomic create-or-fail there): one writer per output is the user's to ensure."""
+    atomic create-or-fail there): one writer per output is the user's to ensure.
+    `check_only`: refuse when another run holds the lock, but create nothing (checks before
+    work leave no trace in the output)."""
     if urls.is_remote(pattern):
         return
     path = lock_path(pattern)
@@ -118,6 +120,9 @@ def lock_output(pattern: str, stage: str = "write") -> None:
         return
     import fcntl
 
+    if check_only:
+        _refuse_if_locked(path, stage, pattern)
+        return
     urls.makedirs(path)
     for _ in range(16):  # the file may be removed by its releasing owner between open and flock
         fd = os.open(urls.local_path(path), os.O_RDWR | os.O_CREAT, 0o644)
@@ -147,6 +152,22 @@ def lock_output(pattern: str, stage: str = "write") -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
     _HELD_LOCKS[path] = fd
+
+
+def _refuse_if_locked(path: str, stage: str, pattern: str) -> None:
+    import fcntl
+
+    try:
+        fd = os.open(urls.local_path(path), os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"{stage}: {pattern} is being written by another run ({_lock_owner(fd)}; "
+                          f"lock {path}); wait for it to end or stop it, or write elsewhere") from None
+    finally:
+        os.close(fd)
 
 
 def unlock_output(pattern: str) -> None:
