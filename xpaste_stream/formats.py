@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +66,156 @@ def zstd_json(obj: Any) -> bytes:
     return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(json_bytes(obj))
 
 
-def unzstd_json(data: bytes) -> Any:
-    return json.loads(zstandard.ZstdDecompressor().decompress(data))
+def unzstd_json(data: bytes, max_size: int | None = None, what: str = "zstd member") -> Any:
+    return json.loads(unzstd(data, max_size, what))
+
+
+# --- bounds on what hostile bytes may make a reader allocate ----------------------------------
+# Read from the environment at each call, so DALI worker processes and stage workers see them.
+
+DEFAULT_MAX_IMAGE_SIDE = 16384
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 26     # 67 Mpx (8192 x 8192): ~200 MB decoded RGB
+DEFAULT_MAX_ZSTD_BYTES = 256 << 20     # the most any zstd member may decompress to
+
+
+def _limit(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def image_limits() -> tuple[int, int]:
+    """(most pixels per side, most pixels in all) an image may have before anything decodes it:
+    XPASTE_MAX_IMAGE_SIDE, XPASTE_MAX_IMAGE_PIXELS."""
+    return (_limit("XPASTE_MAX_IMAGE_SIDE", DEFAULT_MAX_IMAGE_SIDE),
+            _limit("XPASTE_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+
+
+def check_image_dims(height: int, width: int, what: str = "image") -> None:
+    """FormatError when (height, width) is empty or over `image_limits` (a decoder would
+    allocate height * width * channels bytes for it)."""
+    height, width = int(height), int(width)
+    side, pixels = image_limits()
+    if height < 1 or width < 1:
+        raise FormatError(f"{what}: size {width}x{height}")
+    if max(height, width) > side or height * width > pixels:
+        raise FormatError(f"{what}: {width}x{height} is over the image size limit ({side} pixels "
+                          f"per side, {pixels:,} in all; raise XPASTE_MAX_IMAGE_SIDE / "
+                          "XPASTE_MAX_IMAGE_PIXELS to allow it)")
+
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) an encoded JPEG (first frame header) or PNG (IHDR) declares, read
+    leniently from its header without decoding; None for other or unreadable bytes."""
+    data = bytes(data[:1 << 16]) if len(data) > 1 << 16 else bytes(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", data[16:24])
+        return h, w
+    if data[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            at += 1 if marker == 0xFF else 2
+            continue
+        length = struct.unpack(">H", data[at + 2:at + 4])[0]
+        if marker in _SOF_MARKERS and at + 9 <= len(data):
+            return struct.unpack(">HH", data[at + 5:at + 9])
+        if marker in (0xDA, 0xD9) or length < 2:
+            return None
+        at += 2 + length
+    return None
+
+
+
+def check_image_header(data: bytes, what: str = "image") -> tuple[int, int] | None:
+    """The size the header of `data` declares, checked by `check_image_dims` (FormatError when
+    over the limit) before any decoder sees the bytes; None when the header is not JPEG / PNG
+    (the decoder, or PIL's size check, judges those)."""
+    size = header_size(data)
+    if size is not None:
+        check_image_dims(*size, what)
+    return size
+
+
+def skip_oversized(data: bytes, what: str) -> bool:
+    """True (and a line on stderr naming it) when `data` declares an image over the size
+    limit: for readers that skip such an image and go on (evaluate)."""
+    try:
+        check_image_header(data, what)
+    except FormatError as e:
+        print(f"skipped: {e}", file=sys.stderr)
+        return True
+    return False
+
+
+def check_pil_size(im, what: str = "image") -> None:
+    """Check an opened (not yet loaded) PIL image's size before `load` decodes it."""
+    width, height = im.size
+    check_image_dims(height, width, what)
+
+
+def zstd_limit() -> int:
+    """The most any zstd member may decompress to (XPASTE_MAX_ZSTD_BYTES)."""
+    return _limit("XPASTE_MAX_ZSTD_BYTES", DEFAULT_MAX_ZSTD_BYTES)
+
+
+def unzstd(data: bytes, max_size: int | None = None, what: str = "zstd member") -> bytes:
+    """Decompress one zstd frame to at most `max_size` bytes (and never more than
+    `zstd_limit`): a frame that declares, or turns out to hold, more raises FormatError after
+    at most that much output. (`ZstdDecompressor.decompress` allocates what the frame header
+    declares, whatever it is: 2 GiB for a 65 kB member.)"""
+    bound = zstd_limit() if max_size is None else min(int(max_size), zstd_limit())
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{what}: not zstd ({e})") from None
+    if declared > bound:
+        raise FormatError(f"{what}: declares {declared:,} bytes decompressed, at most {bound:,} "
+                          "expected")
+    parts, total = [], 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            while True:
+                chunk = reader.read(min(1 << 20, bound + 1 - total))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                total += len(chunk)
+                if total > bound:
+                    raise FormatError(f"{what}: decompresses to more than {bound:,} bytes")
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{what}: damaged ({e})") from None
+    return b"".join(parts)
+
+
+def annotations_bound(meta: dict) -> int:
+    """Most bytes `ann.zst` can hold for its json (`num_annotations`, `height`, `width`): per
+    annotation its fields plus an RLE of at most one run per pixel (<= 6 characters each)."""
+    n = max(0, int(meta.get("num_annotations", 0)))
+    pixels = max(0, int(meta.get("height", 0))) * max(0, int(meta.get("width", 0)))
+    return 4096 + n * (1024 + 6 * pixels)
+
+
+def mask_crops_bound(boxes: np.ndarray) -> int:
+    """Exactly the bytes `masks.zst` holds for these [y0, x0, h, w] boxes (packed bits)."""
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    if len(boxes) and (boxes[:, 2:] < 0).any():
+        raise FormatError("a mask box has a negative size")
+    return int(((boxes[:, 2] * boxes[:, 3] + 7) // 8).sum())
+
+
+def unzstd_masks(data: bytes, boxes: np.ndarray) -> np.ndarray:
+    """`masks.zst` -> the flat 0/1 crops of `unpack_mask_crops`, decompressing no more than
+    the boxes need."""
+    return unpack_mask_crops(np.asarray(boxes), unzstd(data, mask_crops_bound(boxes), "masks.zst"))
 
 
 def _check_schema(meta: dict, schema: str, where: str) -> dict:
@@ -142,7 +293,9 @@ def encode_alpha(alpha: np.ndarray) -> bytes:
 
 def decode_alpha(data: bytes, component: str, width: int, height: int) -> np.ndarray:
     """The (height, width) uint8 alpha of an instance from its `mask.lz4` or (schema /1)
-    `mask.png` bytes; FormatError when they are damaged or of another size."""
+    `mask.png` bytes; FormatError when they are damaged, of another size or over the image size
+    limit (`check_image_dims`)."""
+    check_image_dims(height, width, component)
     if component == "mask.lz4":
         import lz4.block
 
@@ -261,7 +414,12 @@ def read_background(sample: dict) -> tuple[dict, list[dict]]:
                           "(xpaste.background/1, no box-cropped masks); rerun `xpaste-stream "
                           "pack-coco` to write xpaste.background/2 shards")
     meta = _check_schema(meta, BACKGROUND_SCHEMA, where)
-    anns = _check_schema(unzstd_json(sample["ann.zst"]), BACKGROUND_SCHEMA, where)["annotations"]
+    try:
+        bound = annotations_bound(meta)
+    except (TypeError, ValueError):
+        raise FormatError(f"{where}: json num_annotations / height / width not numbers") from None
+    anns = _check_schema(unzstd_json(sample["ann.zst"], bound, "ann.zst"), BACKGROUND_SCHEMA,
+                         where)["annotations"]
     return meta, anns
 
 

@@ -34,6 +34,7 @@ from .shards import (
     iter_tar,
     read_stats,
     sample_key,
+    stale_index,
 )
 
 _BACKGROUND_REQUIRED = tuple(c for c in formats.BACKGROUND_COMPONENTS
@@ -91,9 +92,12 @@ class ShardReport:
 
 
 def _decode_image(data: bytes, what: str) -> Image.Image:
-    """Decode fully (a header check passes random bytes behind valid markers)."""
+    """Decode fully (a header check passes random bytes behind valid markers), once its size
+    is known to be within the image size limit (formats.check_image_dims)."""
+    formats.check_image_header(data, what)
     try:
         with Image.open(io.BytesIO(data)) as im:
+            formats.check_pil_size(im, what)
             im.load()
             return im.copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -124,7 +128,7 @@ def _check_background(sample: dict, meta: dict, decode: bool) -> list:
         _check_size(_decode_image(sample[ext], ext).size, meta, ext)
         if "masks.zst" in sample:
             boxes = np.array([a["mask_box"] for a in anns], np.int64).reshape(-1, 4)
-            formats.unpack_mask_crops(boxes, zstandard.ZstdDecompressor().decompress(sample["masks.zst"]))
+            formats.unzstd_masks(sample["masks.zst"], boxes)
     return [a["category_id"] for a in anns]
 
 
@@ -239,8 +243,11 @@ def _note_key(key: str, url: str, report: ShardReport) -> None:
 
 def _check_sidecars(url: str, read: int, damaged: bool, report: ShardReport) -> None:
     """The DALI index and stats beside a shard: present, agreeing with it, recorded failures."""
-    keys = index_keys(url)
-    if keys is None:
+    problem = None if damaged and not read else _stale_index(url)  # not a tar: said already
+    keys = None if problem else index_keys(url)
+    if problem:
+        report.damaged.append({"shard": url, "reason": "stale_index", "detail": problem})
+    elif keys is None:
         report.without_dali_index.append(url)
     elif len(keys) != read and not damaged:
         report.damaged.append({"shard": url, "reason": "index_mismatch",
@@ -261,6 +268,19 @@ def _check_sidecars(url: str, read: int, damaged: bool, report: ShardReport) -> 
     report.recorded_failures.update(stats.get("failures", {}))
     for r in stats.get("failed_samples", []):
         _add(report.recorded_failed, {"shard": url, **r})
+
+
+def _stale_index(url: str) -> str | None:
+    """Why the DALI index beside `url` is not this shard's (None when it is, or there is none)."""
+    path = dali_index_path(url)
+    try:
+        if not urls.exists(path):
+            return None
+        with urls.open_url(path, "rb") as f:
+            text = f.read().decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return stale_index(url, text) if text.startswith("v1.") else None
 
 
 def _judge_schemas(report: ShardReport, expected: str | None) -> None:

@@ -81,6 +81,7 @@ class RunManifest:
     settings: dict
     units: dict[str, int] = field(default_factory=dict)
     created: str = ""
+    pattern: str = ""  # the shard set: its writer lock is taken when the manifest is saved
 
     @property
     def fingerprint(self) -> str:
@@ -91,6 +92,10 @@ class RunManifest:
                 "created": self.created, "settings": self.settings, "units": self.units}
 
     def save(self) -> None:
+        if self.pattern:
+            from .shards import lock_output
+
+            lock_output(self.pattern, self.stage)
         urls.write_bytes(self.path, json.dumps(self.as_dict(), indent=1, sort_keys=True).encode())
 
     def assign(self, keys: list[str]) -> dict[str, int]:
@@ -152,6 +157,11 @@ def open_run(stage: str, pattern: str, settings: dict, *, overwrite: bool = Fals
     each), or holds shards without a manifest. `overwrite` removes the shard set (and
     `extra_outputs`, files the stage writes beside it) first.
     """
+    from .shards import lock_output
+
+    # one writer per shard set: a second is refused here (the lock is taken by `save`, right
+    # before work, or here when --overwrite is about to remove files)
+    lock_output(pattern, stage, check_only=not (overwrite and output_files(pattern)))
     path = manifest_path(pattern)
     if overwrite:
         for f in output_files(pattern) + [p for p in extra_outputs if urls.exists(p)] + [path]:
@@ -164,9 +174,9 @@ def open_run(stage: str, pattern: str, settings: dict, *, overwrite: bool = Fals
                               f"{present[0]}) but no run manifest {path}, so the settings they were "
                               "written with are unknown; rerun with --overwrite to start over, or "
                               "write elsewhere")
-        return RunManifest(path, stage, settings, created=_now())
+        return RunManifest(path, stage, settings, created=_now(), pattern=pattern)
     if not output_files(pattern):  # a manifest, but nothing written under it: nothing to mix
-        return RunManifest(path, stage, settings, created=_now())
+        return RunManifest(path, stage, settings, created=_now(), pattern=pattern)
     if doc.get("stage") != stage:
         raise ConfigError(f"{stage}: {path} belongs to a {doc.get('stage')!r} run; write elsewhere")
     changed = differences(doc.get("settings", {}), settings)
@@ -175,7 +185,8 @@ def open_run(stage: str, pattern: str, settings: dict, *, overwrite: bool = Fals
                           "); rerunning would mix two runs in one shard set. Rerun with the same "
                           "settings to resume, with --overwrite to start over (removes these "
                           "shards), or write elsewhere")
-    return RunManifest(path, stage, doc["settings"], dict(doc.get("units", {})), doc.get("created", ""))
+    return RunManifest(path, stage, doc["settings"], dict(doc.get("units", {})), doc.get("created", ""),
+                       pattern)
 
 
 def _now() -> str:

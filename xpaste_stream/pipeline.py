@@ -138,7 +138,31 @@ def load_pipeline(path: str, check_models: bool = True) -> PipelineConfig:
         raw["pack_coco"].setdefault("images", os.path.join(scenes_dir, "images"))
     cfg = from_dict(PipelineConfig, raw, path)
     check_inputs(cfg, path, check_models)
+    check_outputs(cfg, path)
     return cfg
+
+
+def output_folders(cfg: PipelineConfig) -> dict[str, list[str]]:
+    """Stage -> the folders (or object-store locations) it writes into."""
+    folder = {"scenes": lambda s: [s.output], "index": lambda s: [s.output],
+              "pack_coco": lambda s: [os.path.dirname(s.output) or ".",
+                                      os.path.dirname(s.categories_path()) or "."]}
+    shards_only = lambda s: [os.path.dirname(s.output) or "."]  # noqa: E731
+    return {stage: folder.get(stage, shards_only)(getattr(cfg, stage))
+            for stage in cfg.pipeline.stages}
+
+
+def check_outputs(cfg: PipelineConfig, where: str = "pipeline") -> None:
+    """Every stage's output location must be usable before the first stage starts (a later
+    stage's bad output would otherwise be found only after earlier stages wrote theirs)."""
+    from .remote import check_location
+
+    for stage, folders in output_folders(cfg).items():
+        for folder in folders:
+            problem = urls.output_problem(folder)
+            if problem is not None:
+                raise ConfigError(f"{where}.{stage}.output: {problem}")
+        check_location(getattr(cfg, stage).output, f"{where}.{stage}.output")
 
 
 # a stage's inputs come from the stages named here when they run in the same pipeline

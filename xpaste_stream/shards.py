@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import socket
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -89,6 +92,107 @@ def read_stats(shard: str) -> dict | None:
         return json.loads(f.read())
 
 
+# -- one writer per shard set --------------------------------------------------------------
+
+LOCK_SUFFIX = "writer.lock"
+_HELD_LOCKS: dict[str, int] = {}  # lock path -> descriptor holding its flock, this process
+
+
+def lock_path(pattern: str) -> str:
+    """`out/gen-{shard:06d}.tar` -> `out/gen-writer.lock`."""
+    return urls.sidecar_path(pattern, LOCK_SUFFIX)
+
+
+def lock_output(pattern: str, stage: str = "write", check_only: bool = False) -> None:
+    """Make this process the one writer of shard set `pattern`, before any work: an exclusive
+    `flock` on a lock file beside the shards that records the owner (pid, host, start time,
+    command). A second writer is refused (ConfigError: exit 2) naming the running one. The
+    kernel drops the lock when its owner dies however it dies, so a lock file left behind by a
+    killed run is taken over, with a message. Held until `unlock_output` or the process ends;
+    taking it again in the same process is a no-op. Object-store outputs have no lock (no
+    atomic create-or-fail there): one writer per output is the user's to ensure.
+    `check_only`: refuse when another run holds the lock, but create nothing (checks before
+    work leave no trace in the output)."""
+    if urls.is_remote(pattern):
+        return
+    path = lock_path(pattern)
+    if path in _HELD_LOCKS:
+        return
+    import fcntl
+
+    if check_only:
+        _refuse_if_locked(path, stage, pattern)
+        return
+    urls.makedirs(path)
+    for _ in range(16):  # the file may be removed by its releasing owner between open and flock
+        fd = os.open(urls.local_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _lock_owner(fd)
+            os.close(fd)
+            raise ConfigError(f"{stage}: {pattern} is being written by another run ({owner}; lock "
+                              f"{path}); wait for it to end or stop it, or write elsewhere") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(urls.local_path(path)).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise ConfigError(f"{stage}: cannot take the lock {path} (it keeps being replaced)")
+    previous = _lock_owner(fd)
+    if previous != "unknown owner":
+        print(f"{stage}: taking over {path}, left by a run that is no longer running "
+              f"({previous})", file=sys.stderr)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "command": " ".join(sys.argv)[:500]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
+    _HELD_LOCKS[path] = fd
+
+
+def _refuse_if_locked(path: str, stage: str, pattern: str) -> None:
+    import fcntl
+
+    try:
+        fd = os.open(urls.local_path(path), os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"{stage}: {pattern} is being written by another run ({_lock_owner(fd)}; "
+                          f"lock {path}); wait for it to end or stop it, or write elsewhere") from None
+    finally:
+        os.close(fd)
+
+
+def unlock_output(pattern: str) -> None:
+    """Give up this process's lock of shard set `pattern` (if it holds it): the file goes."""
+    path = lock_path(pattern)
+    fd = _HELD_LOCKS.pop(path, None)
+    if fd is None:
+        return
+    try:
+        os.remove(urls.local_path(path))
+    except FileNotFoundError:
+        pass
+    os.close(fd)  # closing drops the flock
+
+
+def _lock_owner(fd: int) -> str:
+    """The owner a lock file records, in words ("pid 12 on host h, generate since T")."""
+    try:
+        doc = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return (f"pid {doc['pid']} on host {doc['host']}, {doc.get('stage', '?')} since "
+                f"{doc.get('started', '?')}: {doc.get('command', '')}".rstrip(": "))
+    except (ValueError, TypeError, KeyError):
+        return "unknown owner"
+
+
 @dataclass
 class _OpenShard:
     index: int
@@ -136,6 +240,7 @@ class ShardWriter:
 
     def resume(self) -> int:
         """Skip finished shards; return the first input position still to be written."""
+        lock_output(self.names.pattern)
         self._rejects = RejectsList(self.rejects_path)
         while True:
             name = self.names[self.next_shard] if self._has_name(self.next_shard) else None
@@ -304,6 +409,7 @@ class ShardWriter:
         self.first_rejects = self._rejects.first if self._rejects else []
         summary["rejects"] = self._rejects.close() if self._rejects else None
         self._rejects = None
+        unlock_output(self.names.pattern)
         return summary
 
     def outcome(self, stage: str, summary: dict) -> StageOutcome:
@@ -451,7 +557,7 @@ def iter_tar(url: str, damage: list[TarDamage] | None = None,
                 current[ext] = data
         if current is not None and not _ends_archive(url, end):
             raise tarfile.ReadError(f"no end-of-archive block after byte {end} (file cut short)")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, *_transient()) as e:
         last = current
         current = None
         whole = last is not None and (complete(last) if complete is not None else
@@ -468,6 +574,14 @@ def iter_tar(url: str, damage: list[TarDamage] | None = None,
             yield last
     if current is not None:
         yield current
+
+
+def _transient() -> tuple[type[BaseException], ...]:
+    """An object store's network errors (botocore's are not all OSError): a shard whose read
+    fails with one is a damaged input, named, not a crash."""
+    from .remote import transient_errors
+
+    return transient_errors()
 
 
 def _components(sample: dict) -> set[str]:
@@ -492,18 +606,73 @@ def lost_samples(url: str, read: int, cut_key: str | None) -> tuple[list[str], i
 
 
 def index_keys(url: str) -> list[str] | None:
-    """Sample keys in the order the shard's DALI index lists them; None without an index."""
+    """Sample keys in the order the shard's DALI index lists them; None without an index, or
+    with one that is not this shard's (`stale_index`)."""
     path = dali_index_path(url)
     try:
         if not urls.exists(path):
             return None
         with urls.open_url(path, "rb") as f:
-            lines = f.read().decode().splitlines()
+            text = f.read().decode()
     except (OSError, UnicodeDecodeError):
         return None
-    if not lines or not lines[0].startswith("v1."):
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("v1.") or stale_index(url, text) is not None:
         return None
     return [line.split()[3].partition(".")[0] for line in lines[1:] if len(line.split()) >= 4]
+
+
+def _index_members(text: str) -> list[tuple[str, int, int]]:
+    """(member, data offset, size) of every entry of a DALI index text, in file order."""
+    out = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        for i in range(0, len(fields) - 3, 4):
+            out.append((fields[i + 3], int(fields[i + 1]), int(fields[i + 2])))
+    return out
+
+
+def stale_index(url: str, text: str) -> str | None:
+    """Why the DALI index `text` does not describe shard `url` (None when it does): the tar
+    header before its first member's data, and before its last one's when that lies in the
+    file, must name that member with that size. Two ranged reads per shard; an index whose
+    entries run past the end of a shard cut short is not stale (the cut samples are damage)."""
+    try:
+        members = _index_members(text)
+    except ValueError as e:
+        return f"{dali_index_path(url)}: unreadable entry ({e})"
+    if not members:
+        return None
+    with urls.open_url(url, "rb") as f:
+        size = f.seek(0, io.SEEK_END)
+        checks = [members[0]] + ([members[-1]] if members[-1][1] + members[-1][2] <= size else [])
+        for member, offset, length in checks:
+            if offset < 512 or offset + length > size:
+                return (f"{dali_index_path(url)} is stale: it puts {member} at bytes {offset}.."
+                        f"{offset + length}, {url} holds {size} bytes")
+            f.seek(offset - 512)
+            found = _header_member(f.read(512))
+            if found != (member, length):
+                return (f"{dali_index_path(url)} is stale (another shard's, or written before "
+                        f"{url} was): it puts {member} ({length} bytes) at byte {offset}, the tar "
+                        f"has {found[0] if found else 'no member'!r} there; remove it and rewrite "
+                        "the shard set, or recreate the index with DALI's wds2idx")
+    return None
+
+
+def _header_member(header: bytes) -> tuple[str, int] | None:
+    """(name, size) of a ustar header block; None when it is not one."""
+    if len(header) < 512 or not header[:100].strip(b"\0"):
+        return None
+    try:
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        raw = header[124:136]
+        length = int.from_bytes(raw[1:], "big") if raw[0] & 0x80 else int(raw.rstrip(b"\0 ") or b"0", 8)
+        return name.decode("utf-8", "replace"), length
+    except ValueError:
+        return None
 
 
 def _ends_archive(url: str, offset: int) -> bool:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .layout import CATEGORY_FILES, COLUMNS, BankError, column_path, read_manifest
-from .sources import locate_shards, open_shard
+from .sources import check_shards_present, locate_shards, open_shard
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # When the mask starts at most this far after the jpg ends, both are fetched in one read.
@@ -152,6 +152,10 @@ class InstanceBank:
                 file.close()
             self._files = OrderedDict()
             self._pid = os.getpid()
+
+    def check_shards(self) -> None:
+        """BankError naming every shard that is missing or changed (stats each one)."""
+        check_shards_present(self.shards, self.path)
 
     def close(self) -> None:
         self._adopt_after_fork()

@@ -85,9 +85,7 @@ def locate_shards(bank_dir: str, manifest: dict, shard_root: str | None) -> list
 
 
 def _remote_info(url: str) -> dict:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = urls.filesystem(url)
     try:
         return fs.info(path)
     except FileNotFoundError:
@@ -131,10 +129,8 @@ class RemoteFile:
     """A shard on an fsspec filesystem, read by ranged requests through a bounded cache."""
 
     def __init__(self, entry: dict):
-        import fsspec
-
         self.url = entry["path"]
-        self.fs, self.path = fsspec.core.url_to_fs(entry["path"])
+        self.fs, self.path = urls.filesystem(entry["path"])
         try:
             info = self.fs.info(self.path)
         except FileNotFoundError:
@@ -153,3 +149,26 @@ class RemoteFile:
 
 def open_shard(entry: dict) -> LocalFile | RemoteFile:
     return RemoteFile(entry) if urls.is_remote(entry["path"]) else LocalFile(entry)
+
+
+def check_shards_present(entries: list[dict], bank: str = "bank", shown: int = 5) -> None:
+    """Stat every shard a bank reads (before the first batch, not at the first draw that
+    needs one): BankError naming the missing or changed ones, with how many there are."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(entry: dict) -> str | None:
+        try:
+            check_unchanged(entry, identity(entry["path"]))
+        except BankError as e:
+            return str(e).split(";")[0]
+        except OSError as e:
+            return f"shard {entry['path']}: {type(e).__name__}: {e}"
+        return None
+
+    with ThreadPoolExecutor(8) as pool:  # remote stats overlap their latency
+        problems = [p for p in pool.map(problem, entries) if p]
+    if problems:
+        more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+        raise BankError(f"instance bank {bank}: {len(problems)} of its {len(entries)} shards cannot "
+                        f"be read as indexed: {'; '.join(problems[:shown])}{more}; restore them, or "
+                        "rebuild the bank with `xpaste-stream index`")

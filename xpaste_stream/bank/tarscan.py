@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import shards, urls
 from ..errors import Reject
-from ..formats import INSTANCE_MASK_COMPONENTS, INSTANCE_SCHEMAS
+from ..formats import INSTANCE_MASK_COMPONENTS, INSTANCE_SCHEMAS, FormatError, check_image_dims
 from .layout import BLOCK, BankError
 from .phash import dhash64
 
@@ -143,6 +143,10 @@ def _row(reader, url: str, key: str, parts: dict, hash_images: bool) -> tuple | 
                   math.nan if score is None else float(score))
     except (KeyError, TypeError, ValueError) as e:
         return Reject("sample", url, key, "bad_metadata", f"json: {type(e).__name__}: {e}")
+    try:  # never decoded here, but the loader would: refuse what no decoder should be given
+        check_image_dims(fields[2], fields[1], "instance")
+    except FormatError as e:
+        return Reject("sample", url, key, "image_too_large", str(e))
     try:
         dhash = dhash64(reader.read(jpg_offset, jpg_size)) if hash_images else 0
     except (OSError, ValueError, SyntaxError) as e:  # hashing decodes: the one place that can tell

@@ -168,6 +168,10 @@ def _decode(sample: dict) -> tuple[dict, np.ndarray] | Rejected:
         return Rejected("missing_metadata", f"unreadable json ({e})")
     if not sample.get("jpg"):
         return Rejected("unreadable_image", "no jpg component", category_id, category)
+    try:  # the size its header declares, before anything decodes it
+        formats.check_image_header(sample["jpg"], "jpg")
+    except formats.FormatError as e:
+        return Rejected("image_too_large", str(e), category_id, category)
     try:
         rgb = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..formats import check_pil_size
 from .base import Failure, Generated, WorkItem
 
 GENERATOR = "folder"
@@ -37,6 +38,7 @@ def folder_key(name: str) -> str:
 def load_rgb(path: str, max_side: int) -> np.ndarray:
     """Decode one file into (H, W, 3) uint8 RGB with the long side <= max_side."""
     with Image.open(path) as im:
+        check_pil_size(im, path)  # FormatError before anything decodes an oversized file
         im = ImageOps.exif_transpose(im)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")

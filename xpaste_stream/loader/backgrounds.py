@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import formats, remote, urls
-from ..shards import dali_index_path
+from ..shards import dali_index_path, stale_index
 from .order import fingerprint
 
 # components a background sample is read by; the image is `jpg` or `png`
@@ -39,13 +39,14 @@ class BackgroundIndex:
     offset: dict[str, np.ndarray]
     size: dict[str, np.ndarray]
     fingerprint: str
+    dotted: frozenset = frozenset()  # samples whose key has a dot (their members go unread)
 
     def __len__(self) -> int:
         return len(self.key)
 
     @classmethod
     def build(cls, shard_urls: list[str]) -> BackgroundIndex:
-        shard, keys, digests = [], [], []
+        shard, keys, digests, dotted = [], [], [], set()
         offset = {c: [] for c in COMPONENTS}
         size = {c: [] for c in COMPONENTS}
         for n, url in enumerate(shard_urls):
@@ -58,6 +59,9 @@ class BackgroundIndex:
                                                 fields[3::4], strict=True):
                     found["image" if ext in formats.BACKGROUND_IMAGE_EXTS else ext] = (int(off), int(sz))
                     key = member[:-len(ext) - 1]
+                    if "." in ext:  # `a.b.jpg`: the index splits at the first dot
+                        dotted.add(len(keys))
+                        key = _dotted_key(member)
                 shard.append(n)
                 keys.append(key if fields else "?")
                 for c in COMPONENTS:
@@ -67,7 +71,7 @@ class BackgroundIndex:
         return cls(list(shard_urls), np.asarray(shard, np.int32), keys,
                    {c: np.asarray(v, np.int64) for c, v in offset.items()},
                    {c: np.asarray(v, np.int64) for c, v in size.items()},
-                   fingerprint(digests))
+                   fingerprint(digests), frozenset(dotted))
 
     def where(self, i: int) -> str:
         return f"{self.urls[int(self.shard[i])]} key {self.key[i]}"
@@ -87,6 +91,14 @@ class BackgroundIndex:
         return factors
 
 
+def _dotted_key(member: str) -> str:
+    """The key a member of a dotted sample was written under (`a.b.masks.zst` -> `a.b`)."""
+    known = sorted((*formats.BACKGROUND_COMPONENTS, *formats.BACKGROUND_IMAGE_EXTS), key=len,
+                   reverse=True)
+    suffix = next((c for c in known if member.endswith("." + c)), member.rpartition(".")[2])
+    return member[:-len(suffix) - 1]
+
+
 def _read_index_text(url: str) -> str:
     path = dali_index_path(url)
     try:
@@ -100,6 +112,13 @@ def _read_index_text(url: str) -> str:
         raise BackgroundIndexError(f"{path}: not a DALI webdataset index (binary data)") from None
     if not text.startswith("v1."):
         raise BackgroundIndexError(f"{path}: not a DALI webdataset index (no v1.x header)")
+    try:
+        problem = stale_index(url, text)
+    except FileNotFoundError:
+        raise BackgroundIndexError(f"background shard {url} not found (its index {path} is "
+                                   "there)") from None
+    if problem is not None:
+        raise BackgroundIndexError(problem)
     return text
 
 
@@ -117,6 +136,10 @@ class ShardFiles:
     def read(self, index: BackgroundIndex, i: int, component: str) -> bytes:
         size = int(index.size[component][i])
         if size < 0:
+            if i in index.dotted:
+                raise formats.FormatError(f"sample key {index.key[i]!r} contains a dot: readers "
+                                          "split member names at the first dot, so its members "
+                                          "cannot be found; write keys without dots")
             raise formats.FormatError(f"no {component} member")
         url = index.urls[int(index.shard[i])]
         off = int(index.offset[component][i])

@@ -112,6 +112,7 @@ class CopyPasteLoader:
         if not len(self.index):
             raise LoaderError(f"background shards {background_urls} hold no samples")
         self.bank = InstanceBank.open(bank) if isinstance(bank, (str, os.PathLike)) else bank
+        getattr(self.bank, "check_shards", lambda: None)()  # a vanished shard: refused here
         self.categories_path = categories or os.path.join(os.path.dirname(self.urls[0]), "categories.json")
         self.categories_doc = formats.read_categories(self.categories_path)
         check_bank_matches(self.bank, self.categories_doc, self.categories_path)

@@ -144,10 +144,15 @@ class SampleSource:
         meta, anns = formats.read_background({"__key__": index.key[i], "json": files.read(index, i, "json"),
                                               "ann.zst": files.read(index, i, "ann.zst")})
         h, w = int(meta["height"]), int(meta["width"])
+        formats.check_image_dims(h, w, "background")  # before DALI's decoder sees the bytes
         if image_size(data) != (h, w):
             raise formats.FormatError(f"image bytes damaged or not {h}x{w} as its json says")
         boxes = np.asarray([a["mask_box"] for a in anns], np.int32).reshape(-1, 4)
-        packed = zstandard.ZstdDecompressor().decompress(files.read(index, i, "masks.zst"))
+        if len(boxes) and ((boxes[:, :2] < 0) | (boxes[:, 0:1] + boxes[:, 2:3] > h)
+                           | (boxes[:, 1:2] + boxes[:, 3:4] > w)).any():
+            raise formats.FormatError("an annotation's mask box lies outside the image")
+        packed = formats.unzstd(files.read(index, i, "masks.zst"), formats.mask_crops_bound(boxes),
+                                "masks.zst")
         bits = packed_mask_crops(boxes, packed)
         labels = np.asarray([a["category_id"] for a in anns], np.int64)
         if self.paste.drop_crowd:
@@ -158,8 +163,6 @@ class SampleSource:
                 bits = np.concatenate([bits[e - n:e] for n, e, k in zip(nbytes, ends, keep, strict=True)
                                        if k] or [np.zeros(0, np.uint8)])
                 boxes, labels = boxes[keep], labels[keep]
-        if len(boxes) and ((boxes[:, 0] + boxes[:, 2] > h) | (boxes[:, 1] + boxes[:, 3] > w)).any():
-            raise formats.FormatError("an annotation's mask box lies outside the image")
         return {"data": np.frombuffer(data, np.uint8), "size": (h, w), "index": i,
                 "image_id": int(meta["image_id"]), "boxes": boxes, "bits": bits, "labels": labels}
 

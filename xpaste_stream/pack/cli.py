@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--maxcount", type=int, default=1000)
     p.add_argument("--maxsize", type=int, default=1 << 30, help="bytes per shard at most")
     p.add_argument("--no-verify", action="store_true", help="do not decode images to check them")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="read file_names that are absolute or leave the image folder with '..'")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: remove the shards a run with other settings left in the output")
     p.set_defaults(func=_run)
@@ -27,7 +29,8 @@ def _run(args) -> int:
     cfg = from_dict(PackCocoConfig, {
         "annotations": args.annotations, "images": args.images, "output": args.output,
         "categories_out": args.categories_out, "workers": args.workers, "maxcount": args.maxcount,
-        "maxsize": args.maxsize, "verify_images": not args.no_verify}, "pack-coco")
+        "maxsize": args.maxsize, "verify_images": not args.no_verify,
+        "allow_outside_images": args.allow_outside_images}, "pack-coco")
     summary = run_pack_coco(cfg, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0

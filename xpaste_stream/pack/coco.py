@@ -43,6 +43,7 @@ class PackCocoConfig:
     categories_out: str | None = None  # default: categories.json beside the shards
     repeat_threshold: float = 0.001    # LVIS repeat-factor sampling t
     verify_images: bool = True         # decode every image once to catch corrupt files
+    allow_outside_images: bool = False  # file_names may be absolute or climb out with `..`
     workers: int = 2
     maxcount: int = 1000
     maxsize: int = 1 << 30
@@ -166,6 +167,17 @@ def image_path(image: dict, image_dir: str) -> str:
     return os.path.join(image_dir, str(image.get("file_name", "")))
 
 
+def outside_folder(image: dict, image_dir: str) -> bool:
+    """A `file_name` that is absolute or climbs out of the image folder with `..` (judged by
+    name, so a folder reached through symlinks stays usable)."""
+    name = str(image.get("file_name", ""))
+    if os.path.isabs(name) or name.startswith("~"):
+        return True
+    inside = os.path.normpath(os.path.join(image_dir, name))
+    root = os.path.normpath(image_dir)
+    return os.path.commonpath([os.path.abspath(inside), os.path.abspath(root)]) != os.path.abspath(root)
+
+
 def image_key(image: dict) -> str | None:
     """The background key of an image entry; None when its id is not an integer."""
     image_id = image.get("id")
@@ -176,8 +188,8 @@ def image_key(image: dict) -> str | None:
 
 def check_image(task: tuple) -> ImageCheck:
     """Read and check one image and its annotations (pass 1)."""
-    image, anns, image_dir, known_categories, verify = task
-    failure = _image_problem(image, image_dir, verify)
+    image, anns, image_dir, known_categories, verify, allow_outside = task
+    failure = _image_problem(image, image_dir, verify, allow_outside)
     if failure is not None:
         return ImageCheck(failure)
     result = ImageCheck()
@@ -191,7 +203,8 @@ def check_image(task: tuple) -> ImageCheck:
     return result
 
 
-def _image_problem(image: dict, image_dir: str, verify: bool) -> tuple[str, str] | None:
+def _image_problem(image: dict, image_dir: str, verify: bool,
+                   allow_outside: bool = False) -> tuple[str, str] | None:
     path = image_path(image, image_dir)
     if image_key(image) is None:
         return "bad_image_id", f"{path}: image id {image.get('id')!r} is not a non-negative integer"
@@ -199,14 +212,26 @@ def _image_problem(image: dict, image_dir: str, verify: bool) -> tuple[str, str]
                                              for k in ("width", "height")):
         return "bad_image_entry", (f"image {image['id']}: needs file_name and positive integer "
                                    f"width and height, has {sorted(image)}")
+    if not allow_outside and outside_folder(image, image_dir):
+        return "image_outside_folder", (f"image {image['id']}: file_name {image['file_name']!r} "
+                                        f"is absolute or leaves the image folder {image_dir} "
+                                        "(--allow-outside-images reads it)")
+    try:
+        formats.check_image_dims(image["height"], image["width"], f"{path} (annotation file)")
+    except formats.FormatError as e:
+        return "image_too_large", str(e)
     data = _read(path)
     if isinstance(data, tuple):
         return data
     try:
+        formats.check_image_header(data, path)
         with Image.open(io.BytesIO(data)) as im:
             fmt, size = im.format, im.size
+            formats.check_pil_size(im, path)
             if verify:
                 im.load()
+    except formats.FormatError as e:
+        return "image_too_large", str(e)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return "corrupt_image", f"{path}: {type(e).__name__}: {e}"
     if fmt not in _EXTENSIONS:
@@ -257,8 +282,10 @@ def pack_image(task: tuple) -> dict | tuple[str, str]:
     if isinstance(data, tuple):
         return data
     try:
+        formats.check_image_header(data, path)
         with Image.open(io.BytesIO(data)) as im:
             ext = _EXTENSIONS.get(im.format)
+            formats.check_pil_size(im, path)
     except (OSError, ValueError, SyntaxError) as e:
         return "corrupt_image", f"{path}: changed since it was checked ({type(e).__name__}: {e})"
     if ext is None:
@@ -289,7 +316,10 @@ def _sort_key(image: dict):
 def run_settings(cfg: PackCocoConfig) -> dict:
     """What the run manifest fingerprints: the annotation file by location and size (an LVIS
     json is too big to hash on every run), the image folder, every rule that shapes shards."""
-    settings = settings_of(cfg, ("output", "categories_out", "workers", "annotations", "images"))
+    settings = settings_of(cfg, ("output", "categories_out", "workers", "annotations", "images",
+                                 "allow_outside_images"))
+    if cfg.allow_outside_images:  # recorded only when set: older manifests stay comparable
+        settings["allow_outside_images"] = True
     settings.update(annotations=os.path.abspath(cfg.annotations),
                     annotations_bytes=os.path.getsize(cfg.annotations),
                     images=os.path.abspath(cfg.images))
@@ -320,8 +350,8 @@ def run_pack_coco(cfg: PackCocoConfig, progress: bool = True, overwrite: bool = 
 def _check_all(images: list[dict], anns_of: dict, known: set, cfg: PackCocoConfig, pool,
                progress: bool) -> list[ImageCheck]:
     """Pass 1: which images and annotations are packed."""
-    tasks = ((im, anns_of.get(im.get("id"), []), cfg.images, known, cfg.verify_images)
-             for im in images)
+    tasks = ((im, anns_of.get(im.get("id"), []), cfg.images, known, cfg.verify_images,
+              cfg.allow_outside_images) for im in images)
     checks = []
     with tqdm(total=len(images), desc="pack-coco: check", unit="img", disable=not progress) as bar:
         for result in _map(check_image, tasks, pool):

@@ -93,6 +93,8 @@ def folder_images(doc: dict, folder: str, limit: int = 0) -> Iterator[EvalImage]
         except FileNotFoundError:
             raise EvalError(f"{path}: image {entry['id']} of the annotation file is not in "
                             f"{folder}") from None
+        if formats.skip_oversized(data, f"evaluate: {path}"):  # before it decodes
+            continue
         yield EvalImage(int(entry["id"]), decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                                        mode=ImageReadMode.RGB))
 
@@ -124,6 +126,8 @@ def decoded(encoded: list[tuple[int, bytes]]) -> Iterator[EvalImage]:
     from torchvision.io import ImageReadMode, decode_image
 
     for image_id, data in encoded:
+        if formats.skip_oversized(data, f"evaluate: image {image_id}"):  # before it decodes
+            continue
         yield EvalImage(image_id, decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                                mode=ImageReadMode.RGB))
 

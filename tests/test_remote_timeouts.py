@@ -1,0 +1,107 @@
+"""An object store that stops answering with the connection open (a moto server on 127.0.0.1
+under SIGSTOP): reads end in an error naming the URL within a bound, never hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import fsspec
+import numpy as np
+import pytest
+
+from xpaste_stream.remote import BlockCache, RemoteConfig
+from xpaste_stream.shards import TarDamage, iter_tar, write_samples
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+
+@pytest.fixture
+def stoppable_s3(monkeypatch):
+    """A moto server in its own process (so it can be stopped) and fsspec pointed at it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setitem(fsspec.config.conf, "s3", {
+        "key": "testing", "secret": "testing", "skip_instance_cache": True,
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}})
+    for name, value in (("XPASTE_REMOTE_CONNECT_TIMEOUT_S", "1"), ("XPASTE_REMOTE_READ_TIMEOUT_S", "1"),
+                        ("XPASTE_REMOTE_RETRIES", "1")):
+        monkeypatch.setenv(name, value)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="shards")
+    fs = fsspec.filesystem("s3")
+    try:
+        yield fs, server
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.kill()
+        server.wait(10)
+
+
+def bounded(fn, limit: float):
+    """(result or exception, seconds) of fn() in a thread; ('hung', limit) when it did not end."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["value"] = e
+
+    started = time.time()
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(limit)
+    return out.get("value", "hung"), time.time() - started
+
+
+def test_block_read_from_a_silent_store_ends_naming_the_url(stoppable_s3):
+    fs, server = stoppable_s3
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    fs.pipe("shards/blob.bin", data)
+    cache = BlockCache(RemoteConfig(block_size=1 << 20, cache_bytes=4 << 20, backoff_s=0.1))
+    assert cache.read("s3://shards/blob.bin", 0, 10) == data[:10]
+    os.kill(server.pid, signal.SIGSTOP)
+    # 2 attempts x (1 s connect + 1 s read) + 0.1 s backoff, with slack for a loaded machine
+    value, took = bounded(lambda: cache.read("s3://shards/blob.bin", 2 << 20, 10), 30)
+    assert isinstance(value, OSError), value
+    assert "s3://shards/blob.bin" in str(value) and took < 15
+    value, took = bounded(lambda: cache.read("s3://shards/blob.bin", 1 << 20, 10), 30)
+    assert isinstance(value, OSError) and "stopped answering" in str(value) and took < 1
+
+
+def test_shard_stream_from_a_silent_store_is_a_named_damaged_input(stoppable_s3, tmp_path):
+    fs, server = stoppable_s3
+    rng = np.random.default_rng(1)
+    local = write_samples(str(tmp_path / "s-{shard:06d}.tar"),
+                          [{"__key__": f"k{i:04d}", "bin": rng.bytes(200_000)} for i in range(40)],
+                          maxcount=100)
+    fs.put(local[0], "shards/s-000000.tar")
+    url = "s3://shards/s-000000.tar"
+    damage: list[TarDamage] = []
+    samples = iter_tar(url, damage)
+    next(samples)
+    os.kill(server.pid, signal.SIGSTOP)
+    # s3fs's 5 attempts x (1 s + 1 s) and its backoff, with slack
+    value, took = bounded(lambda: sum(1 for _ in samples), 60)
+    assert value != "hung" and took < 40, (value, took)
+    assert damage and damage[0].shard == url
