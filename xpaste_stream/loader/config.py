@@ -106,8 +106,19 @@ class LoaderConfig:
     # 0 leaves torch's setting alone. DALI's threads already keep the cores busy; more OpenMP
     # threads competing with them cost more than they gain (2 cores: 36.8 -> 42.7 images/s).
     torch_threads: int = 1
+    # a batch not ready within `batch_timeout` s, or a worker process that died, ends the
+    # pipeline: its workers are killed and a new pipeline resumes at the same position (the
+    # order is a function of the position), at most `worker_restarts` times per loader, then
+    # a LoaderError names what failed. The bound covers worker start-up and a remote read's
+    # own retries (remote.py: ~150 s at worst).
+    batch_timeout: float = 300.0
+    worker_restarts: int = 3
 
     def validate(self) -> None:
+        if self.batch_timeout <= 0:
+            raise ValueError(f"batch_timeout {self.batch_timeout} must be > 0 seconds")
+        if self.worker_restarts < 0:
+            raise ValueError(f"worker_restarts {self.worker_restarts} must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size} must be >= 1")
         if self.workers < 0:

@@ -27,8 +27,14 @@ ranks or the last run.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import logging
 import os
+import signal
+import threading
+import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +65,14 @@ from .wire import COUNTERS, plan_of, unpack_plans
 
 class LoaderError(ValueError):
     """The loader's inputs do not fit together (bank vs categories, missing files, a state
-    dict of another run)."""
+    dict of another run), or its pipeline failed for good (workers kept dying)."""
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died or a batch did not come within `LoaderConfig.batch_timeout`."""
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,6 +152,8 @@ class CopyPasteLoader:
         self._pipe = None
         self._pipe_next: tuple[int, int] | None = None  # what the live pipeline gives next
         self._decoder = None                             # instance_pipeline, built on first use
+        self._workers: set[int] = set()                  # pids of the live pipeline's workers
+        self.restarts = 0                                # pipelines replaced after a lost worker
 
     # -- order and state ------------------------------------------------------------------------
 
@@ -187,10 +202,12 @@ class CopyPasteLoader:
     def close(self) -> None:
         """Stop the pipeline and its worker processes; the loader can be iterated again."""
         if self._pipe is not None:
-            with contextlib.suppress(Exception):
-                self._pipe._shutdown()
+            alive = weakref.ref(self._pipe)
             self._pipe, self._pipe_next = None, None
+            if alive() is not None:      # DALI stops the pipeline and its workers when it goes
+                gc.collect()
         self._decoder = None
+        self._workers = set()
 
     def __del__(self):
         with contextlib.suppress(Exception):
@@ -207,7 +224,9 @@ class CopyPasteLoader:
                             rank_samples)
         pipe = self.background_pipeline(self.device_id)
         if cfg.workers:
+            before = _child_pids()
             pipe.start_py_workers()
+            self._workers = _child_pids() - before
         pipe.build()
         self._pipe, self._pipe_next = pipe, (self.epoch, self.samples)
         return pipe
@@ -256,17 +275,76 @@ class CopyPasteLoader:
         step = self.config.batch_size * self.world_size
         while True:
             try:
-                outputs = pipe.run()
+                outputs = self._run_bounded(pipe)
             except StopIteration:
                 pipe.reset()
                 self.epoch, self.samples = self.epoch + 1, 0
                 self._pipe_next = (self.epoch, 0)
                 return
+            except WorkerLost as lost:
+                pipe = self._replace_pipeline(lost)
+                continue
             with self._torch_threads():
                 batch = self._finish(outputs)
             self.samples += step
             self._pipe_next = (self.epoch, self.samples)
             yield batch
+
+    def worker_pids(self) -> set[int]:
+        """Process ids of the live pipeline's worker processes (empty before the first batch)."""
+        return set(self._workers)
+
+    def _run_bounded(self, pipe):
+        """`pipe.run()`, watched: a worker that dies or a batch later than `batch_timeout`
+        raises WorkerLost instead of waiting forever (DALI can wait on a lock a dead worker
+        held). The run happens in a daemon thread, so a wait that never ends is left behind."""
+        dead = sorted(p for p in self._workers if not _alive(p))
+        if dead:   # replaced at once: batches it queued are made again, identically
+            raise WorkerLost(f"loader worker process {', '.join(map(str, dead))} died")
+        result: dict = {}
+        done = threading.Event()
+
+        def run():
+            try:
+                result["outputs"] = pipe.run()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                result["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="xpaste-loader-run", daemon=True).start()
+        timeout = self.config.batch_timeout
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.2):
+            dead = sorted(p for p in self._workers if not _alive(p))
+            if dead:
+                raise WorkerLost(f"loader worker process {', '.join(map(str, dead))} died")
+            if time.monotonic() > deadline:
+                raise WorkerLost(f"no batch within batch_timeout={timeout:g} s (a worker process "
+                                 "or a read is stuck)")
+        error = result.get("error")
+        if error is None:
+            return result["outputs"]
+        dead = sorted(p for p in self._workers if not _alive(p))
+        if dead and not isinstance(error, StopIteration):
+            raise WorkerLost(f"loader worker process {', '.join(map(str, dead))} died ({error})")
+        raise error
+
+    def _replace_pipeline(self, lost: WorkerLost):
+        """Kill the lost pipeline's workers and start a new pipeline at the same position; the
+        batches are those an uninterrupted run gives (the order is a function of position)."""
+        self.restarts += 1
+        self.counters.add("worker_restarts")
+        for pid in self._workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self._pipe, self._pipe_next, self._workers = None, None, set()   # the stuck one is left
+        if self.restarts > self.config.worker_restarts or not self.config.workers:
+            raise LoaderError(f"{lost}; the loader gave up after {self.restarts - 1} restart(s) "
+                              f"(LoaderConfig.worker_restarts={self.config.worker_restarts})") from None
+        log.warning("%s: restarting the pipeline at epoch %d, sample %d (restart %d of %d)", lost,
+                    self.epoch, self.samples, self.restarts, self.config.worker_restarts)
+        return self._pipeline()
 
     def stats(self) -> dict:
         """Counters: images, backgrounds skipped, instances pasted, kept, damaged, ... and
@@ -400,6 +478,25 @@ def check_bank_matches(bank, categories_doc: dict, where: str) -> None:
                           "category sets; build the bank from instances of these categories")
     if bank.num_instances == 0:
         raise LoaderError(f"instance bank {getattr(bank, 'path', bank)} holds no instances")
+
+
+def _child_pids() -> set[int]:
+    """This process's children (Linux /proc; empty elsewhere: then no liveness watch)."""
+    pids: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not reaped, counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
