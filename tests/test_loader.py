@@ -264,7 +264,10 @@ def test_corrupt_instances_redrawn_and_counted(tmp_path):
     stats = loader.stats()
     assert stats["instances_corrupt"] > 0
     assert len(stats["skipped"]) == stats["instances_corrupt"]
-    assert all(s[1].startswith("instance ") and s[0].endswith(".tar") for s in stats["skipped"])
+    opened = InstanceBank.open(bank)   # named by shard and sample key, as in the shards
+    assert {tuple(s[:2]) for s in stats["skipped"]} <= {opened.where(i) for i in corrupt_ids}
+    assert all(s[0].endswith(".tar") and s[2].startswith("instance ") for s in stats["skipped"])
+    assert not any(s[1].startswith("instance ") for s in stats["skipped"])
 
 
 def test_mismatched_bank_refused(tmp_path):
@@ -495,7 +498,8 @@ def test_damage_in_worker_processes_is_skipped_counted_and_named(tmp_path):
             expected_bad.add(i)
     assert len(expected_bad) == 2
     bad_instances = {s[1] for s in stats["skipped"] if s[2].startswith("instance")}
-    assert bad_instances and bad_instances <= {f"instance {i}" for i in expected_bad}
+    assert bad_instances and bad_instances <= {opened.where(i)[1] for i in expected_bad}
+    assert {opened.where(i)[1] for i in expected_bad} == {formats.image_key(1, 0), formats.image_key(2, 1)}
     used = {int(i) for b in batches for i in b.plan.ids[b.plan.active]}
     assert used and not used & expected_bad
     assert stats["instances_corrupt"] == len([s for s in stats["skipped"] if s[2].startswith("instance")])

@@ -120,6 +120,23 @@ class InstanceBank:
         component = "mask.png" if mask[:8] == PNG_SIGNATURE else "mask.lz4"
         return {"jpg": jpg, component: mask, "category_id": int(c["category"][iid])}
 
+    def where(self, iid: int) -> tuple[str, str]:
+        """(shard path, sample key) of instance `iid`, for naming a damaged one: the key is read
+        from the tar header just before its JPEG member (the index keeps no keys: 30 B each);
+        "instance N" when that header cannot be read."""
+        iid = int(self._check_ids(iid))
+        c = self._columns
+        shard = int(c["shard"][iid])
+        path = str(self.shards[shard]["path"])
+        try:
+            self._adopt_after_fork()
+            with self._lock:
+                header = self._file(shard).read(int(c["jpg_block"][iid]) * 512 - 512, 512)
+            name = header[:100].rstrip(b"\0").decode()
+            return path, name.split("/")[-1].split(".", 1)[0] or f"instance {iid}"
+        except (OSError, UnicodeDecodeError, ValueError, BankError):
+            return path, f"instance {iid}"
+
     def read_many(self, ids) -> list[dict]:
         """`read` of each id, in the order given; reads are issued in file order."""
         ids = self._check_ids(ids)

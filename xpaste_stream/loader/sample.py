@@ -203,8 +203,8 @@ class SampleSource:
                 if payloads[j] is None:
                     bad.append(j)
                     counts["instances_corrupt"] += 1
-                    skipped.append([self._instance_shard(int(ids[j])), f"instance {int(ids[j])}",
-                                    "instance: damaged jpg or mask"])
+                    skipped.append([*self._instance_name(int(ids[j])),
+                                    f"instance {int(ids[j])}: damaged jpg or mask"])
             todo = bad
             if not todo:
                 break
@@ -225,11 +225,10 @@ class SampleSource:
             return None
         return np.frombuffer(payload["jpg"], np.uint8), alpha
 
-    def _instance_shard(self, iid: int) -> str:
-        try:
-            return self.bank.shards[int(self.bank._columns["shard"][iid])]["path"]
-        except (AttributeError, KeyError, IndexError):
-            return str(getattr(self.bank, "path", "bank"))
+    def _instance_name(self, iid: int) -> tuple[str, str]:
+        """(shard, key) of a damaged instance (a bank without `where`: its path, "instance N")."""
+        where = getattr(self.bank, "where", None)
+        return where(iid) if where else (str(getattr(self.bank, "path", "bank")), f"instance {iid}")
 
 
 def packed_mask_crops(boxes: np.ndarray, packed: bytes) -> np.ndarray:
