@@ -75,8 +75,8 @@ def test_killed_worker_is_replaced_and_the_epoch_is_unchanged(dataset, uninterru
 def test_stopped_worker_ends_within_the_bound(dataset, uninterrupted):
     """SIGSTOP: the worker lives but sends nothing; after batch_timeout it is replaced."""
     urls, bank = dataset
-    with CopyPasteLoader(urls, bank, paste(), workers=1, **settings(batch_timeout=4.0,
-                                                                      worker_prefetch=1, prefetch=1)) as loader:
+    quick = settings(batch_timeout=4.0, worker_prefetch=1, prefetch=1)
+    with CopyPasteLoader(urls, bank, paste(), workers=1, **quick) as loader:
         it = iter(loader)
         batches = [next(it)]
         kill(min(loader.worker_pids()), signal.SIGSTOP)
