@@ -85,7 +85,7 @@ def measure_feed(background_urls, bank, paste: PasteConfig, batch_size: int, bat
     for _ in range(batches):
         pipe.run()
     seconds, cpu_seconds = time.perf_counter() - started, process_tree_cpu() - cpu0
-    pipe._shutdown()
+    del pipe                          # stops its worker processes
     loader.close()
     images = batch_size * batches
     return {"images_per_s": images / seconds, "images_per_cpu_s": images / cpu_seconds,
