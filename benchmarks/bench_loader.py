@@ -11,7 +11,8 @@ code. Per size (LSJ 0.1-2.0 to S x S, U{0..19} pastes, hard blending, 2 worker p
   ...) `--rounds` times, medians kept;
 - `ceiling`: DALI read + decode + LSJ only, on the same shards and device;
 - `compositor`: the batched paste alone (composite.paste_batch, timed inside the loader on its
-  real batches): nanoseconds per pasted pixel (a pixel of a resized instance) on one core.
+  real batches): nanoseconds per pasted pixel (a pixel of a resized instance), CPU time of
+  the one thread that runs it (wall time between synchronisations on a GPU).
 On a GPU (CUDA available) the same rows run there (`--device 0`) too.
 X-Paste's own CopyPasteMapper was measured from outside on this kind of machine (issue 15:
 3.21 images per CPU-second at 640, 0.85 at 1024, same density): the ratios to it are given.
@@ -78,13 +79,16 @@ COMPOSITOR = textwrap.dedent("""
     paste_batch = loader_module.paste_batch
 
     def timed_paste(canvas, table, *args, **kw):
+        # CPU: this thread's CPU time (the kernels are single-threaded; other jobs sharing the
+        # cores do not count); GPU: wall time between synchronisations
+        clock = time.perf_counter if canvas.is_cuda else time.thread_time
         if canvas.is_cuda:
             torch.cuda.synchronize()
-        started = time.perf_counter()
+        started = clock()
         out = paste_batch(canvas, table, *args, **kw)
         if canvas.is_cuda:
             torch.cuda.synchronize()
-        timed["seconds"] += time.perf_counter() - started
+        timed["seconds"] += clock() - started
         timed["pixels"] += int((table[:, C_H] * table[:, C_W]).sum())
         timed["calls"] += 1
         return out

@@ -533,7 +533,7 @@ def _copy_into(sample, out: torch.Tensor, device: torch.device) -> None:
 
 def _samples(tensor_list) -> list[np.ndarray]:
     """The samples of a CPU TensorList as numpy arrays (copies: DALI reuses its buffers)."""
-    return [np.array(tensor_list.at(i)) for i in range(len(tensor_list))]
+    return [tensor_list.at(i) for i in range(len(tensor_list))]
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
