@@ -124,7 +124,14 @@ def expected(case: dict) -> dict:
                 rgba = np.ascontiguousarray(rgba[:, ::-1])
             if paste.blending == "hard":   # colour outside the hard mask is never used: 0
                 rgba[rgba[:, :, 3] < paste.mask_threshold, :3] = 0
-            crops.append(rgba.reshape(-1, 4))
+            r = C.blur_radius(paste)          # only what lands within r of the canvas
+            kept = on_canvas(np.ones(rgba.shape[:2], bool), *(plan.pos[i, s] + r), size + 2 * r)
+            crop = np.zeros_like(rgba)
+            (y, x), (h, w) = plan.pos[i, s] + r, rgba.shape[:2]
+            window = kept[max(y, 0):y + h, max(x, 0):x + w]
+            crop[max(-y, 0):max(-y, 0) + window.shape[0], max(-x, 0):max(-x, 0) + window.shape[1]] = \
+                rgba[max(-y, 0):max(-y, 0) + window.shape[0], max(-x, 0):max(-x, 0) + window.shape[1]]
+            crops.append(crop.reshape(-1, 4))
             pastes.append(Paste(rgba, int(plan.pos[i, s, 0]), int(plan.pos[i, s, 1]), 1))
             hard = on_canvas(rgba[:, :, 3] >= paste.mask_threshold, *plan.pos[i, s], size)
             ids[i][hard] = s + 1

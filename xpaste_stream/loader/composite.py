@@ -2,8 +2,9 @@
 
 The work per batch is three element-wise passes over a paste table (one row per paste, built
 on the host from the plan, `paste_table`) and one over the real objects' windows:
-1. resample: every pixel of every pasted instance at its planned size: bilinear from the
-   decoded instance (RGB atlas + alpha atlas), flipped, into a scratch RGBA buffer;
+1. resample: every pixel of every pasted instance at its planned size that lands on the
+   canvas (or within the gaussian's reach of it): bilinear from the decoded instance (RGB
+   atlas + alpha atlas), flipped, into a scratch RGBA buffer (zeros elsewhere);
 2. blur (gaussian blending only): the hard mask's horizontal gaussian sums, padded by 3 sigma;
 3. composite: every canvas pixel under a paste, pastes in paste order: hard (copy where the
    hard mask is set), alpha ("over" with the resampled alpha) or gaussian ("over" with the
@@ -248,12 +249,15 @@ def _paste_cpu(table, rgb, alpha, scratch, sums, taps, radius, canvas, ids, mode
     for row in range(table.shape[0]):
         h, w, sh, sw = table[row, C_H], table[row, C_W], table[row, C_SRC_H], table[row, C_SRC_W]
         scratch_at, rgb_at, alpha_at = table[row, C_SCRATCH_AT], table[row, C_RGB_AT], table[row, C_ALPHA_AT]
+        size = canvas.shape[2]                    # only what lands within r of the canvas
+        oy0, oy1 = max(0, -radius - table[row, C_Y]), min(h, size + radius - table[row, C_Y])
+        ox0, ox1 = max(0, -radius - table[row, C_X]), min(w, size + radius - table[row, C_X])
         qx = np.empty(w, np.int64)
-        for ox in range(w):
+        for ox in range(ox0, ox1):
             qx[ox] = _source_q_cpu(w - 1 - ox if table[row, C_FLIP] else ox, sw, w)
-        for oy in range(h):
+        for oy in range(oy0, oy1):
             qy = _source_q_cpu(oy, sh, h)
-            for ox in range(w):
+            for ox in range(ox0, ox1):
                 _resample_cpu(oy, ox, qy, qx[ox], w, sh, sw, scratch_at, rgb_at, alpha_at, rgb,
                               alpha, scratch, mode, threshold)
     if mode == 2:
@@ -383,13 +387,16 @@ def cuda_kernels():
         return lo
 
     @cuda.jit
-    def resample_kernel(table, starts, total, rgb, alpha, scratch, mode, threshold):
+    def resample_kernel(table, starts, total, rgb, alpha, scratch, mode, threshold, size, radius):
         t = cuda.grid(1)
         if t < total:
             row = owner(starts, table.shape[0], t)
             h, w = table[row, C_H], table[row, C_W]
             oy = (t - starts[row]) // w
             ox = (t - starts[row]) - oy * w
+            cy, cx = table[row, C_Y] + oy, table[row, C_X] + ox
+            if cy < -radius or cy >= size + radius or cx < -radius or cx >= size + radius:
+                return                                # farther than r off the canvas
             sh, sw = table[row, C_SRC_H], table[row, C_SRC_W]
             qy = source_q(oy, sh, h)
             qx = source_q(w - 1 - ox if table[row, C_FLIP] else ox, sw, w)
@@ -604,7 +611,7 @@ def paste_batch(canvas: torch.Tensor, table: np.ndarray, rgb: torch.Tensor, alph
     padded = int(((table[:, C_H] + 2 * radius) * (table[:, C_W] + 2 * radius)).sum()) \
         if len(table) and radius else 0
     ids = zeros((b, size, size), torch.uint8, device)
-    scratch = torch.empty((max(pixels, 1), 4), dtype=torch.uint8, device=device)
+    scratch = zeros((max(pixels, 1), 4), torch.uint8, device)   # 0 farther than r off the canvas
     sums = torch.empty(max(padded, 1), dtype=torch.int64, device=device)
     taps = gaussian_taps(paste.gaussian_sigma) if radius else np.zeros(1, np.int64)
     if len(table) == 0:
@@ -622,7 +629,7 @@ def paste_batch(canvas: torch.Tensor, table: np.ndarray, rgb: torch.Tensor, alph
     with _numba_stream(device) as stream:
         resample_k[_blocks(pixels), THREADS, stream](
             dev["table"], dev["starts"], pixels, view["rgb"], view["alpha"], view["scratch"], mode,
-            threshold)
+            threshold, size, radius)
         if radius:
             blur_k[_blocks(padded), THREADS, stream](
                 dev["table"], dev["pad_starts"], padded, view["scratch"], view["sums"], dev["taps"],
