@@ -28,6 +28,6 @@ def _run(args) -> int:
         "annotations": args.annotations, "images": args.images, "output": args.output,
         "categories_out": args.categories_out, "workers": args.workers, "maxcount": args.maxcount,
         "maxsize": args.maxsize, "verify_images": not args.no_verify}, "pack-coco")
-    summary = run_pack_coco(cfg, overwrite=args.overwrite)
+    summary = run_pack_coco(cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0
