@@ -298,11 +298,11 @@ def format_table(metrics: dict) -> str:
     """Rows bbox / segm, columns AP ... APr APc APf in percent (results.json holds the same
     values as fractions, as LVISEval / COCOeval give them); '-' where not defined."""
     columns = [c for c in TABLE_COLUMNS if any(c in m for m in metrics.values())]
-    lines = ["AP in % (x100 of results.json's fractions)",
-             "       " + "".join(f"{c:>8}" for c in columns)]
+    lines = ["       " + "".join(f"{c:>8}" for c in columns)]
     for iou_type, m in metrics.items():
         cells = [f"{100 * m[c]:8.2f}" if c in m and m[c] >= 0 else f"{'-':>8}" for c in columns]
         lines.append(f"{iou_type:<7}" + "".join(cells))
+    lines.append("(AP in %: results.json holds the same values as fractions)")
     return "\n".join(lines)
 
 
