@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def generate(out: str, *extra: str) -> None:
     assert cli.main(["generate", "-o", f"{out}/gen-{{shard:04d}}.tar", "--num-categories", "3",
                      "--images-per-category", "3", "--image-size", "96", "--maxcount", "4",
-                     "--quiet", *extra]) == 0
+                     *extra]) == 0
 
 
 def instances(folder: str) -> int:
@@ -42,7 +42,7 @@ def instances(folder: str) -> int:
 
 
 def extract(inputs: str, out: str, capsys) -> dict:
-    assert cli.main(["extract", inputs, "-o", f"{out}/inst-{{shard:04d}}.tar", "--quiet"]) == 0
+    assert cli.main(["extract", inputs, "-o", f"{out}/inst-{{shard:04d}}.tar"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -69,7 +69,7 @@ def test_a_moved_project_folder_resumes_every_stage(tmp_path, capsys):
     old, new = tmp_path / "project", tmp_path / "moved"
     scenes = make_scene_dataset(str(old / "scenes"), lvis=True, num_images=4, num_categories=3)
     pack = lambda root, ann: ["pack-coco", ann, f"{root}/scenes/images",  # noqa: E731
-                              "-o", f"{root}/bg/bg-{{shard:04d}}.tar", "--workers", "1", "--quiet"]
+                              "-o", f"{root}/bg/bg-{{shard:04d}}.tar", "--workers", "1"]
     assert cli.main(pack(old, scenes)) == 0
     generate(f"{old}/img")
     capsys.readouterr()
@@ -140,7 +140,7 @@ def test_run_check_catches_a_maxcount_a_stage_would_refuse(tmp_path, capsys):
     """))
     assert cli.main(["run", str(toml), "--check"]) == 2
     assert "maxcount -16" in capsys.readouterr().err
-    assert cli.main(["run", str(toml), "--quiet"]) == 2
+    assert cli.main(["run", str(toml)]) == 2
     assert not (tmp_path / "img").exists()  # refused before the first stage
 
 
@@ -288,10 +288,21 @@ def test_inspect_names_the_input_shard_of_an_extract_reject(tmp_path, capsys):
     writer.add(1, {"__key__": "bad", "jpg": b"not a jpeg", "json": json.dumps(meta).encode()})
     writer.close()
     source = str(tmp_path / "img" / "gen-0000.tar")
-    assert cli.main(["extract", source, "-o", str(tmp_path / "inst" / "inst-{shard:04d}.tar"),
-                     "--quiet"]) == 0
+    assert cli.main(["extract", source, "-o", str(tmp_path / "inst" / "inst-{shard:04d}.tar")]) == 0
     capsys.readouterr()
     inst = str(tmp_path / "inst" / "inst-0000.tar")
     cli.main(["inspect", "--json", inst])
     failed = json.loads(capsys.readouterr().out)["recorded_failed"]
     assert [(f["shard"], f["key"], f["recorded_in"]) for f in failed] == [(source, "bad", inst)]
+
+
+def test_index_with_worker_processes_prints_no_worker_tracebacks(tmp_path):
+    """The pool's workers used to be SIGTERMed on the way out and print `Terminated` tracebacks
+    (the parent's SIGTERM handler, inherited by fork) on successful runs."""
+    _, shards = small_bank(tmp_path)
+    for run in range(3):
+        proc = subprocess.run([sys.executable, "-m", "xpaste_stream.cli", "index", *shards, "-o",
+                               str(tmp_path / f"bank{run}"), "--workers", "2"], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "SIGTERM" not in proc.stderr

@@ -40,14 +40,14 @@ def tiny(urls, bank, **kw) -> TrainConfig:
     settings = {"backgrounds": urls, "bank": bank, "paste": PasteConfig(output_size=SIZE, max_pastes=4),
                 "model": ModelConfig(backbone="tiny", image_size=SIZE), "batch_size": 2,
                 "warmup_steps": 0, "loader_threads": 1, "loader_workers": 1, "log_every": 1,
-                "progress_every": 0, "seed": 1}
+                "seed": 1}
     return TrainConfig(**{**settings, **kw})
 
 
 def train_argv(urls, bank, out, *extra) -> list[str]:
     return ["train", "--backgrounds", *urls, "--bank", bank, "--backbone", "tiny", "--size", str(SIZE),
             "--batch-size", "2", "--workers", "1", "--threads", "1", "--warmup", "0",
-            "--output", str(out), "--quiet", *extra]
+            "--output", str(out), *extra]
 
 
 def logged_steps(out) -> list[int]:
