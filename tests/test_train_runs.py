@@ -250,3 +250,26 @@ def test_evaluation_with_near_tied_scores_equals_the_evaluator_called_directly(k
     for iou_type in ("bbox", "segm"):
         got = results["metrics"][iou_type]
         assert got["AP"] == pytest.approx(expected[iou_type]["AP"], abs=1e-12), (iou_type, got)
+
+
+def test_shards_packed_from_coco_are_scored_by_cocoeval(coco_dataset, tmp_path, capsys):
+    """The evaluator follows the ground truth's format, not how it was passed: COCO packed
+    into shards (whose categories get r/c/f groups from image counts) is still COCO."""
+    from test_evaluate import categories_of, tiny_checkpoint
+
+    from xpaste_stream.pack.coco import PackCocoConfig, run_pack_coco
+
+    annotations, images = coco_dataset
+    run_pack_coco(PackCocoConfig(annotations=annotations, images=images, workers=1,
+                                 output=str(tmp_path / "bg" / "bg-{shard:06d}.tar")), progress=False)
+    ckpt = tiny_checkpoint(str(tmp_path / "tiny.pt"), categories_of(annotations))
+    common = {"checkpoint": ckpt, "device": "cpu", "score_threshold": 0.0, "max_images": 4}
+    from_json = evaluate(EvalConfig(annotations=annotations, images=images, output=str(tmp_path / "a"),
+                                    **common))
+    from_shards = evaluate(EvalConfig(backgrounds=[str(tmp_path / "bg" / "bg-*.tar")],
+                                      output=str(tmp_path / "b"), **common))
+    assert from_json["evaluator"] == from_shards["evaluator"] == "coco"
+    assert from_shards["metrics"]["bbox"]["AP"] == pytest.approx(from_json["metrics"]["bbox"]["AP"])
+    forced = evaluate(EvalConfig(backgrounds=[str(tmp_path / "bg" / "bg-*.tar")], evaluator="lvis",
+                                 output=str(tmp_path / "c"), **common))
+    assert forced["evaluator"] == "lvis"
