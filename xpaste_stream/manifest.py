@@ -67,6 +67,15 @@ def input_identity(url: str, output: str) -> str:
     return rel.replace(os.sep, "/")
 
 
+def identity_location(identity: str, output: str) -> str:
+    """Where an input named by `input_identity` is now: a local identity as an absolute path
+    (from the output's real folder), a URL as is (for messages and summaries)."""
+    if urls.is_remote(identity) or os.path.isabs(identity) or urls.is_remote(output):
+        return identity
+    base = os.path.realpath(urls.local_path(output_folder(output)))
+    return os.path.normpath(os.path.join(base, identity))
+
+
 def normalise_url(url: str) -> str:
     """`S3://bucket//a/./b.tar` -> `s3://bucket/a/b.tar`: one spelling per object."""
     scheme, _, rest = url.partition("://")

@@ -35,7 +35,14 @@ from PIL import Image
 from .. import errors, formats, urls
 from ..config import ConfigError, check
 from ..executors import ExecutorConfig, run_units, start_ray, wants_gpu
-from ..manifest import RunManifest, input_identity, open_run, output_files, settings_of
+from ..manifest import (
+    RunManifest,
+    identity_location,
+    input_identity,
+    open_run,
+    output_files,
+    settings_of,
+)
 from ..remote import check_location
 from ..shards import (
     ShardWriter,
@@ -457,7 +464,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, scorer: ClipScorer | 
                    extra_outputs=tuple(_rejects_files(cfg.output)) if overwrite else ())
     units = plan_units(inputs, cfg.maxcount, run, cfg.output)
     fingerprint = run.fingerprint
-    absent = sorted({k.rsplit("|", 2)[0] for k in run.units}
+    absent = sorted(identity_location(i, cfg.output) for i in {k.rsplit("|", 2)[0] for k in run.units}
                     - {input_identity(u, cfg.output) for u in inputs})
     todo = [u for u in units if not unit_finished(cfg.output, u.key, u.shard, fingerprint)]
     if todo and executor.executor == "ray":
