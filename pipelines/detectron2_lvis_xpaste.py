@@ -7,13 +7,19 @@ The only change to a stock detectron2 trainer is `build_train_loader`: CopyPaste
 through `xpaste_stream.loader.detectron2` (LSJ and pasting on each process's GPU). The loader is
 registered with the checkpointer, so `--resume` continues mid-epoch with the same batches.
 Needs detectron2 (not on PyPI: pip install 'git+https://github.com/facebookresearch/detectron2.git').
+
+Offline and on the CPU (README, "detectron2"): `MODEL.DEVICE cpu XPASTE.DEVICE cpu`,
+`MODEL.WEIGHTS ""` (random init; or a local .pkl / .pth: nothing is downloaded), and
+`DATASETS.TEST "()"` when there is no LVIS val set (training runs without evaluation).
+The model-zoo base config is found in detectron2's installed files, without `pkg_resources`
+(gone from setuptools >= 81, which `detectron2.model_zoo` still imports).
 """
 
 from __future__ import annotations
 
 import os
 
-from detectron2 import model_zoo
+import detectron2
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import LVISEvaluator
@@ -34,9 +40,23 @@ class XPasteTrainer(DefaultTrainer):
         return LVISEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "eval"))
 
 
+def base_config_file(name: str = BASE) -> str:
+    """The model zoo's config file: in the installed package (`model_zoo/configs`, a link in
+    editable installs) or the source tree's `configs/`; `detectron2.model_zoo` only if neither
+    is there (it needs `pkg_resources`, i.e. setuptools < 81)."""
+    package = os.path.dirname(detectron2.__file__)
+    for root in (os.path.join(package, "model_zoo", "configs"), os.path.join(package, "..", "configs")):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    from detectron2 import model_zoo
+
+    return model_zoo.get_config_file(name)
+
+
 def setup(args):
     cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file(BASE))
+    cfg.merge_from_file(base_config_file())
     add_xpaste_config(cfg)
     cfg.merge_from_file(args.config_file or os.path.join(HERE, "detectron2_lvis_xpaste.yaml"))
     cfg.merge_from_list(args.opts)

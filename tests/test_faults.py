@@ -425,7 +425,7 @@ def test_checks_before_work(tmp_path, capsys, lvis_dataset):
     assert not (tmp_path / "gen").exists()
     # a GPU this machine does not have: refused before any demo data is built
     code, _, err = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--device", "99")
-    assert code == errors.EXIT_USAGE and "--device 99" in err and not (tmp_path / "demo").exists()
+    assert code == errors.EXIT_USAGE and "--device cuda:99" in err and not (tmp_path / "demo").exists()
     # --debug shows the traceback the plain message hides
     code, _, err = run_cli(capsys, "--debug", "pack-coco", *lvis_dataset, "-o", str(tmp_path / "x.tar"))
     assert code == errors.EXIT_USAGE and "Traceback" in err

@@ -86,8 +86,9 @@ def test_report_names_every_reject_and_the_empty_category(extracted, tmp_path):
     assert summary["selection_rules"] == {"segmenter-confidence": 3}
     assert summary["mask"]["area_ratio"]["count"] == 3
     assert summary["mask"]["area_ratio"]["min"] == pytest.approx(52 * 16 / 64 ** 2, abs=0.02)
-    for name in ("clip_scores.png", "masks.png", "segmenters.png"):
+    for name in ("masks.png", "segmenters.png"):
         assert (out / name).stat().st_size > 1000
+    assert not (out / "clip_scores.png").exists()  # no scorer ran: no empty CLIP axes
     kept = np.asarray(Image.open(out / "grids" / "kept" / "00001-red_square.png").convert("RGB"))
     rejected = np.asarray(Image.open(out / "grids" / "rejected" / "00002-blank_thing.png").convert("RGB"))
     assert kept.shape[:2] == (64, 3 * 64) and rejected.shape[:2] == (64, 2 * 64)

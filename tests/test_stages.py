@@ -255,9 +255,11 @@ def test_inspect_reads_stats_finds_duplicates_and_speaks_json_for_every_kind(tmp
     assert json.loads(capsys.readouterr().out)["damaged"][0]["reason"] == "stats_mismatch"
 
     build_index(paths, str(tmp_path / "bank"), workers=1, progress=False)
-    assert cli.main(["inspect", "--json", str(tmp_path / "bank")]) == 0
+    assert cli.main(["inspect", "--json", str(tmp_path / "bank")]) == 1
     bank = json.loads(capsys.readouterr().out)
-    assert (bank["kind"], bank["indexed"], bank["ok"]) == ("bank", 3, True)
+    assert (bank["kind"], bank["indexed"], bank["ok"]) == ("bank", 3, False)
+    # "k0" was cut from one source sample, and the bank holds it twice
+    assert [(p["reason"], p["key"]) for p in bank["problems"]] == [("same_source_sample", "k0")]
     with open(paths[1], "ab") as f:
         f.write(bytes(512))
     assert cli.main(["inspect", "--json", str(tmp_path / "bank")]) == 1

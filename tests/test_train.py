@@ -207,7 +207,8 @@ def test_pretrained_detector_weights_for_other_classes_keep_the_rest(tmp_path):
 def test_train_command_reports_bad_input_in_one_line(data, tmp_path, capsys):
     _, bank = data
     code = main(["train", "--backgrounds", str(tmp_path / "none-*.tar"), "--bank", bank,
-                 "--backbone", "tiny", "--size", "128", "--max-steps", "1"])
+                 "--backbone", "tiny", "--size", "128", "--max-steps", "1",
+                 "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "xpaste-stream train: error: background shards not found" in err
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import traceback
 
 from . import errors
-from .config import ConfigError, from_dict
+from .config import DEVICE_HELP, ConfigError, from_dict, parse_device
 from .executors import UnitsFailed
 from .formats import FormatError
 from .generate.text2image import ModelLoadError
@@ -59,7 +60,41 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
     for name, command in sub.choices.items():
         _add_common_options(command, policy=name in _STAGE_COMMANDS)
+    parser.set_defaults(quiet=False)
     return parser
+
+
+def _device_type(text: str) -> str:
+    try:
+        return parse_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _is_meaningful(default) -> bool:
+    return default not in (None, False, argparse.SUPPRESS, [], ()) and not callable(default)
+
+
+def _unify(parser: argparse.ArgumentParser) -> None:
+    """What every (sub)command shares: `--device` in one grammar (config.parse_device),
+    `--quiet`, and its defaults in the help text."""
+    for action in parser._actions:
+        if action.dest == "device" and action.option_strings:
+            action.type, action.choices = _device_type, None
+            if isinstance(action.default, str) or action.default is None:
+                action.default = parse_device(action.default) if action.default else action.default
+            action.help = f"{DEVICE_HELP} {action.help or ''}".rstrip() if "cuda:N" not in (
+                action.help or "") else action.help
+        if action.help is argparse.SUPPRESS or not action.option_strings:
+            continue
+        text = action.help or ""
+        if _is_meaningful(action.default) and "default" not in text:
+            value = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) \
+                else action.default
+            action.help = f"{text} (default: {str(value).replace('%', '%%')})".strip()
+    if "quiet" not in {a.dest for a in parser._actions}:
+        parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                            help="no progress bars or progress lines (results are still printed)")
 
 
 def _add_debug(parser: argparse.ArgumentParser, default) -> None:
@@ -68,7 +103,8 @@ def _add_debug(parser: argparse.ArgumentParser, default) -> None:
 
 
 def _add_common_options(parser: argparse.ArgumentParser, policy: bool) -> None:
-    """`--debug` on every (sub)command; the error-policy thresholds on the stages."""
+    """`--debug` on every (sub)command, `--quiet`, one `--device` grammar, defaults in the
+    help; the error-policy thresholds on the stages."""
     _add_debug(parser, argparse.SUPPRESS)
     if policy:
         p = parser.add_argument_group("error policy (a run that passes a threshold exits 1)")
@@ -80,10 +116,31 @@ def _add_common_options(parser: argparse.ArgumentParser, policy: bool) -> None:
                             f"{errors.ErrorPolicy.max_bad_shards})")
         p.add_argument("--show-skips", type=int, default=argparse.SUPPRESS, metavar="N",
                        help=f"skipped samples named on the console (default {errors.ErrorPolicy.show})")
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                _add_common_options(child, policy)
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        _unify(parser)
+    for action in subcommands:
+        for child in action.choices.values():
+            _add_common_options(child, policy)
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)subcommand's parser that `args` were parsed for (its usage goes with errors)."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if name not in (sub.choices if sub is not None else {}):
+            return parser
+        parser = sub.choices[name]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments; an unknown one is reported with the usage of the subcommand it was given to."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def policy_from_args(args: argparse.Namespace, base: errors.ErrorPolicy | None = None
@@ -113,16 +170,19 @@ def check_devices(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         with errors.stop_on_signals(), errors.collecting() as outcomes:
             args.error_policy = policy_from_args(args)
             check_devices(args)
             check_input_patterns(args)
             result = args.func(args)
+            sys.stdout.flush()  # a reader gone (broken pipe) shows here, not at exit
     except KeyboardInterrupt as e:
         print(_stopped(args.command, e), file=sys.stderr)
         return errors.interrupted_exit_code(e)
+    except BrokenPipeError:  # `xpaste-stream inspect ... | head -1`: the reader is gone
+        return _broken_pipe()
     except _USER_ERRORS as e:
         _print_error(args, f"error: {e}")
         return errors.EXIT_USAGE
@@ -146,6 +206,17 @@ def judge(outcomes: list[errors.StageOutcome], policy: errors.ErrorPolicy, code:
         if why:
             code = max(code, errors.EXIT_FAILED)
     return code
+
+
+def _broken_pipe() -> int:
+    """End quietly when stdout's reader has gone: nothing more is printed (the interpreter's
+    final flush goes to /dev/null), exit status 141 as for a process killed by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return errors.EXIT_SIGNAL_BASE + signal.SIGPIPE
 
 
 def _print_error(args: argparse.Namespace, message: str) -> None:

@@ -131,3 +131,35 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+# -- devices: one grammar for every command -------------------------------------------------------
+
+DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda (the current GPU) or cuda:N; a bare N means cuda:N"
+
+
+def parse_device(text: str | int | None) -> str:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' from any accepted spelling (a bare GPU id N, as the
+    demo and bench commands took, is 'cuda:N'); ConfigError for anything else."""
+    if text is None:
+        return "auto"
+    value = str(text).strip().lower()
+    if value.isdigit():
+        return f"cuda:{int(value)}"
+    if value in ("auto", "cpu", "cuda"):
+        return value
+    if value.startswith("cuda:") and value[5:].isdigit():
+        return f"cuda:{int(value[5:])}"
+    raise ConfigError(f"device {text!r}: expected {DEVICE_HELP}")
+
+
+def device_index(device: str) -> int | None:
+    """The CUDA device index a DALI pipeline takes (`device_id`); None is the CPU."""
+    device = parse_device(device)
+    if device == "cpu":
+        return None
+    if device == "auto":
+        import torch
+
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    return int(device[5:]) if device.startswith("cuda:") else 0

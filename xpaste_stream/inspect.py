@@ -22,6 +22,7 @@ import zstandard
 from PIL import Image
 
 from . import errors, formats, urls
+from .bank.describe import HISTOGRAM_PNG
 from .bank.tarscan import required as instance_required
 from .config import ConfigError
 from .manifest import MANIFEST_SUFFIX
@@ -61,6 +62,7 @@ class ShardReport:
     damaged: list[dict] = field(default_factory=list)   # shards cut short, unreadable, miscounted
     missing: list[str] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
+    same_source: list[dict] = field(default_factory=list)  # one source sample extracted twice
     recorded_failures: Counter = field(default_factory=Counter)  # from the shards' stats
     recorded_failed: list[dict] = field(default_factory=list)
     without_dali_index: list[str] = field(default_factory=list)
@@ -69,11 +71,13 @@ class ShardReport:
     decoded: bool = True
     _runs: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _keys: dict[str, str] = field(default_factory=dict, repr=False)
+    _sources: dict[tuple, tuple[str, str]] = field(default_factory=dict, repr=False)
     _by_schema: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
 
     @property
     def has_problems(self) -> bool:
-        return bool(self.broken or self.damaged or self.missing or self.duplicates or self.mixed_runs)
+        return bool(self.broken or self.damaged or self.missing or self.duplicates or self.mixed_runs
+                    or self.same_source)
 
     def as_dict(self) -> dict:
         return {"kind": "shards", "shards": self.shards, "samples": self.samples,
@@ -81,7 +85,8 @@ class ShardReport:
                 "instances_per_category": {str(k): v for k, v in sorted(self.categories.items())},
                 "component_bytes": dict(self.component_bytes), "decoded": self.decoded,
                 "broken": self.broken, "damaged": self.damaged, "missing": self.missing,
-                "duplicates": self.duplicates, "mixed_runs": self.mixed_runs,
+                "duplicates": self.duplicates, "same_source": self.same_source,
+                "mixed_runs": self.mixed_runs,
                 "recorded_failures": dict(self.recorded_failures),
                 "recorded_failed": self.recorded_failed,
                 "without_dali_index": self.without_dali_index, "without_stats": self.without_stats,
@@ -222,6 +227,8 @@ def _inspect_shard(url: str, report: ShardReport, decode: bool) -> None:
             _add(report.broken, {"shard": url, "key": sample_key(sample, _ALL_COMPONENTS),
                                  "reason": problem[0], "detail": problem[1]})
         elif schema is not None:
+            if schema in formats.INSTANCE_SCHEMAS:
+                _note_source(json.loads(sample["json"]), url, sample["__key__"], report)
             report.schemas[schema] += 1
             names = report._by_schema.setdefault(schema, [])
             if len(names) < _LISTED:
@@ -239,6 +246,25 @@ def _note_key(key: str, url: str, report: ShardReport) -> None:
                                  "detail": f"first in {report._keys[key]}"})
     else:
         report._keys[key] = url
+
+
+def source_identity(meta: dict) -> tuple | None:
+    """What names the source sample an instance was cut from: its key, box and category (the
+    same image extracted twice gives the same triple; another run's image almost never does)."""
+    if not meta.get("source_key"):
+        return None
+    return (meta["source_key"], tuple(meta.get("source_box") or ()), meta.get("category_id"))
+
+
+def _note_source(meta: dict, url: str, key: str, report: ShardReport) -> None:
+    ident = source_identity(meta)
+    if ident is None:
+        return
+    first = report._sources.setdefault(ident, (url, key))
+    if first != (url, key):
+        _add(report.same_source, {"shard": url, "key": key, "reason": "same_source_sample",
+                                  "detail": f"cut from source sample {ident[0]!r} like {first[1]} "
+                                            f"in {first[0]}: an input read twice"})
 
 
 def _check_sidecars(url: str, read: int, damaged: bool, report: ShardReport) -> None:
@@ -266,8 +292,8 @@ def _check_sidecars(url: str, read: int, damaged: bool, report: ShardReport) -> 
                                "detail": f"stats say {stats.get('count')} samples, the shard holds {read}"})
     report._runs.setdefault(stats.get("run") or "unrecorded", []).append(url)
     report.recorded_failures.update(stats.get("failures", {}))
-    for r in stats.get("failed_samples", []):
-        _add(report.recorded_failed, {"shard": url, **r})
+    for r in stats.get("failed_samples", []):  # the key is of the input shard (`source`)
+        _add(report.recorded_failed, {**r, "shard": r.get("source") or url, "recorded_in": url})
 
 
 def _stale_index(url: str) -> str | None:
@@ -325,6 +351,7 @@ def format_report(report: ShardReport, show: int = 10) -> str:
                      for r in report.recorded_failed[:show])
     problems = [("missing shards", report.missing), ("damaged shards", report.damaged),
                 ("broken samples", report.broken), ("duplicate keys", report.duplicates),
+                ("source samples held twice", report.same_source),
                 ("runs mixed in one shard set (run manifest fingerprints)", report.mixed_runs),
                 ("shards without a DALI index", report.without_dali_index),
                 ("shards without stats (unfinished or foreign)", report.without_stats)]
@@ -367,6 +394,7 @@ def inspect_bank(path: str) -> dict:
     skipped = Counter()
     for entry in manifest["shards"]:
         skipped.update(entry.get("skipped", {}))
+    problems += _bank_same_sources([e["path"] for e in sources.locate_shards(path, manifest, None)])
     rejects = os.path.join(path, errors.REJECTS_SUFFIX)
     return {"kind": "bank", "path": os.path.abspath(path), "instances": manifest["num_instances"],
             "indexed": manifest["num_indexed"], "categories": manifest["num_categories"],
@@ -374,6 +402,50 @@ def inspect_bank(path: str) -> dict:
             "skipped": dict(skipped), "rejects": rejects if os.path.exists(rejects) else None,
             "instances_per_category": stats.get("instances_per_category", {}),
             "problems": problems, "ok": not problems}
+
+
+def _bank_same_sources(shard_urls: list[str]) -> list[dict]:
+    """Instances of a bank's shards cut from one source sample twice (reads the JSON only)."""
+    report = ShardReport()
+    for url in shard_urls:
+        if not urls.exists(url):
+            continue
+        for sample in iter_tar(url, []):
+            try:
+                meta = json.loads(sample.get("json", b""))
+            except (ValueError, UnicodeDecodeError):
+                continue  # damage is reported by the shard checks
+            if isinstance(meta, dict):
+                _note_source(meta, url, sample["__key__"], report)
+    return report.same_source
+
+
+def plot_path(bank: str) -> str:
+    """Where `inspect --plot` writes a bank's histogram: beside the bank, never into it (the
+    bank folder holds the index only)."""
+    return f"{os.path.normpath(bank)}-{HISTOGRAM_PNG}"
+
+
+def plot_bank_histogram(bank: str) -> str | None:
+    """The instances-per-category histogram as PNG beside the bank; None for an empty bank."""
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves global state alone
+
+    from .bank import InstanceBank
+
+    counts = InstanceBank.open(bank).category_counts()
+    if not len(counts):
+        return None
+    out = plot_path(bank)
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.hist(counts, bins=2.0 ** np.arange(0, np.floor(np.log2(counts.max())) + 2))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("instances per category")
+    ax.set_ylabel("categories")
+    ax.set_title(f"{len(counts)} categories, {int(counts.sum()):,} instances")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
 
 
 def inspect_categories(path: str) -> dict:
@@ -401,7 +473,9 @@ def register(sub) -> None:
     p.add_argument("paths", nargs="+", help="shards (brace patterns, globs), one bank folder, or "
                                             "one categories.json")
     p.add_argument("--categories", help="categories.json, for a bank's frequency groups")
-    p.add_argument("--plot", action="store_true", help="bank: also write a histogram PNG")
+    p.add_argument("--plot", action="store_true",
+                   help="bank: also write a histogram PNG beside the bank (BANK-"
+                        f"{HISTOGRAM_PNG})")
     p.add_argument("--kind", choices=sorted(_KINDS), help="the kind of shard set expected "
                                                           "(default: its most common schema)")
     p.add_argument("--no-decode", action="store_true", help="do not decode payloads (faster)")
@@ -419,7 +493,10 @@ def _run(args) -> int:
         else:
             from .bank import describe_bank
 
-            print(describe_bank(single, category_meta=args.categories, plot=args.plot))
+            print(describe_bank(single, category_meta=args.categories))
+            if args.plot:
+                out = plot_bank_histogram(single)
+                print(f"histogram written to {out}" if out else "no histogram: the bank is empty")
             print(_format_problems(report, args.show))
         return errors.EXIT_OK if report["ok"] else errors.EXIT_FAILED
     if single and single.endswith(".json"):

@@ -9,6 +9,12 @@ is refused before any work, naming each setting that differs, unless the user as
 over (`overwrite=True`: that shard set is removed first) or writes elsewhere. Every shard's stats
 carry the fingerprint (`run`), so `inspect` can tell a shard set written by mixed runs.
 
+Inputs are named by `input_identity`, never by how they were spelled: a local file by its real
+path relative to the output's folder (so `./x/a.tar`, `x/a.tar`, `$PWD/x/a.tar` and a symlink
+to it are one input, and a project folder moved or copied whole keeps its manifests valid), an
+object-store URL normalised. Manifests record this (`identity`); one written before it keyed
+inputs by their spelling and is refused (with `--overwrite` to start over) rather than mixed.
+
 The bank (`index`) needs no such guard: it recomputes every rule over all rows on each build
 and records its settings in its own manifest.json (docs/FORMATS.md).
 """
@@ -19,6 +25,8 @@ import dataclasses
 import glob
 import hashlib
 import json
+import os
+import posixpath
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,11 +37,51 @@ from .config import ConfigError
 
 MANIFEST_SCHEMA = "xpaste.run-manifest/1"
 MANIFEST_SUFFIX = "manifest.json"
+IDENTITY = "output-relative/1"  # how `input_identity` names inputs (recorded in every manifest)
 
 
 def manifest_path(pattern: str) -> str:
     """`out/gen-{shard:06d}.tar` -> `out/gen-manifest.json`: one manifest per shard set."""
     return urls.sidecar_path(pattern, MANIFEST_SUFFIX)
+
+
+def output_folder(pattern: str) -> str:
+    """The folder a shard pattern (or a bank folder's files) is written into."""
+    folder = pattern.rpartition("/")[0]
+    return folder or "."
+
+
+def input_identity(url: str, output: str) -> str:
+    """One name for one input whatever its spelling: a local path as its real path (symlinks
+    resolved) relative to the real folder of `output` (a shard pattern), in POSIX form; a
+    remote URL with its scheme lower-cased and its path normalised (no `//`, `.`, `..`).
+    Identities of local inputs stay the same when the folder holding inputs and output moves."""
+    if urls.is_remote(output) or urls.is_remote(url):
+        return normalise_url(url) if urls.is_remote(url) else os.path.realpath(urls.local_path(url))
+    real = os.path.realpath(urls.local_path(url))
+    base = os.path.realpath(urls.local_path(output_folder(output)))
+    try:
+        rel = os.path.relpath(real, base)
+    except ValueError:  # another drive (Windows): no relative path exists
+        return real
+    return rel.replace(os.sep, "/")
+
+
+def identity_location(identity: str, output: str) -> str:
+    """Where an input named by `input_identity` is now: a local identity as an absolute path
+    (from the output's real folder), a URL as is (for messages and summaries)."""
+    if urls.is_remote(identity) or os.path.isabs(identity) or urls.is_remote(output):
+        return identity
+    base = os.path.realpath(urls.local_path(output_folder(output)))
+    return os.path.normpath(os.path.join(base, identity))
+
+
+def normalise_url(url: str) -> str:
+    """`S3://bucket//a/./b.tar` -> `s3://bucket/a/b.tar`: one spelling per object."""
+    scheme, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    path = posixpath.normpath("/" + path).lstrip("/") if slash else ""
+    return f"{scheme.lower()}://{netloc}/{path}" if slash else f"{scheme.lower()}://{netloc}"
 
 
 def settings_of(cfg: Any, leave_out: tuple[str, ...] = ()) -> dict:
@@ -89,7 +137,7 @@ class RunManifest:
 
     def as_dict(self) -> dict:
         return {"schema": MANIFEST_SCHEMA, "stage": self.stage, "fingerprint": self.fingerprint,
-                "created": self.created, "settings": self.settings, "units": self.units}
+                "identity": IDENTITY, "created": self.created, "settings": self.settings, "units": self.units}
 
     def save(self) -> None:
         if self.pattern:
@@ -179,6 +227,10 @@ def open_run(stage: str, pattern: str, settings: dict, *, overwrite: bool = Fals
         return RunManifest(path, stage, settings, created=_now(), pattern=pattern)
     if doc.get("stage") != stage:
         raise ConfigError(f"{stage}: {path} belongs to a {doc.get('stage')!r} run; write elsewhere")
+    if doc.get("identity") != IDENTITY:
+        raise ConfigError(f"{stage}: {path} was written by an earlier xpaste-stream that named inputs "
+                          "by their spelling (so one input could be read twice); rerun with "
+                          "--overwrite to start over, or write elsewhere")
     changed = differences(doc.get("settings", {}), settings)
     if changed:
         raise ConfigError(f"{stage}: {pattern} was written with other settings ({'; '.join(changed)}"

@@ -6,7 +6,8 @@ writes beside them, and the shard stats; writes into DIR (never into a bank fold
   shard and key, categories with zero survivors, CLIP score histograms (overall and per LVIS
   frequency group r/c/f when a categories.json is given or found beside the inputs), mask area
   and size distributions, which segmenter won how often and under which selection rule;
-- `clip_scores.png`, `masks.png`, `segmenters.png`: the same as plots;
+- `clip_scores.png`, `masks.png`, `segmenters.png`: the same as plots, each only when it has data (no
+  scorer ran: no `clip_scores.png`);
 - `grids/kept/*.png`, `grids/rejected/*.png`: random cut-outs per category, RGBA composited on a
   checkerboard (rejected ones from the thumbnails the extract stage kept).
 For a bank, instances the index dropped (CLIP bar or near-duplicate) count as rejected with
@@ -28,7 +29,7 @@ from PIL import Image
 from . import formats, urls
 from .config import ConfigError, from_dict
 from .extract.rejects import read_rejects
-from .shards import iter_tar, read_stats
+from .shards import iter_tar, read_stats, resolve_inputs
 
 BANK_SCHEMA = "xpaste.bank/1"
 NAMED_REJECTS = 200  # rejected samples named per category in summary.json
@@ -92,7 +93,8 @@ def _sources(inputs: list[str]) -> _Sources:
     missing = [s for s in shards if not urls.exists(s)]
     if not shards or missing:
         raise ConfigError(f"instance shards not found: {missing or inputs}")
-    return _Sources(shards)
+    # image or background shards would give an empty report: refused, naming their kind
+    return _Sources(resolve_inputs(shards, schema=formats.INSTANCE_SCHEMAS, stage="report"))
 
 
 def _bank_sources(bank: str) -> _Sources:
@@ -407,21 +409,29 @@ def _plots(cfg: ReportConfig, summary: dict) -> list[str]:
         plt.close(fig)
         written.append(path)
 
+    # a plot is drawn only for data that exist (no scorer ran: no CLIP plot; nothing kept: no
+    # mask or segmenter plot); a panel only for a group with values
     clip = summary["clip_score"]
-    panels = [("all", clip["overall"])] + [(f"frequency {g}", h) for g, h in clip["by_frequency"].items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
-    for ax, (title, hist) in zip(axes[0], panels, strict=True):
-        bars(ax, hist, f"CLIP score, {title}")
-    save(fig, "clip_scores.png")
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3))
-    for ax, (name, hist) in zip(axes, summary["mask"].items(), strict=True):
-        bars(ax, hist, name)
-    save(fig, "masks.png")
-    fig, ax = plt.subplots(figsize=(6, 3))
+    panels = [(title, hist) for title, hist in
+              [("all", clip["overall"])] + [(f"frequency {g}", h) for g, h in clip["by_frequency"].items()]
+              if hist.get("count")]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+        for ax, (title, hist) in zip(axes[0], panels, strict=True):
+            bars(ax, hist, f"CLIP score, {title}")
+        save(fig, "clip_scores.png")
+    masks = [(name, hist) for name, hist in summary["mask"].items() if hist.get("count")]
+    if masks:
+        fig, axes = plt.subplots(1, len(masks), figsize=(4 * len(masks), 3), squeeze=False)
+        for ax, (name, hist) in zip(axes[0], masks, strict=True):
+            bars(ax, hist, name)
+        save(fig, "masks.png")
     wins = summary["segmenter_wins"]
-    ax.bar(list(wins) or ["none"], list(wins.values()) or [0])
-    ax.set_title("segmenter wins")
-    save(fig, "segmenters.png")
+    if wins:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar(list(wins), list(wins.values()))
+        ax.set_title("segmenter wins")
+        save(fig, "segmenters.png")
     return written
 
 

@@ -196,10 +196,15 @@ def _scan_all(paths: list[str], workers: int, dedup: bool, progress: bool) -> di
             scans[scan.url] = scan
             bar.update()
     else:
-        with multiprocessing.get_context().Pool(min(workers, len(paths))) as pool:
+        # quiet_worker: SIGTERM ends a worker without the parent's handler (no tracebacks);
+        # close + join on success: the pool's __exit__ alone terminates (SIGTERMs) its workers
+        with multiprocessing.get_context().Pool(min(workers, len(paths)),
+                                                initializer=errors.quiet_worker) as pool:
             for scan in pool.imap_unordered(_scan_task, tasks):
                 scans[scan.url] = scan
                 bar.update()
+            pool.close()
+            pool.join()
     bar.close()
     return scans
 

@@ -85,6 +85,8 @@ def write_array(path: str, array: np.ndarray) -> None:
 
 
 def bank_bytes(bank: str) -> int:
-    """Bytes of every file of the bank (columns, category ranges, manifest, stats)."""
-    return sum(os.path.getsize(os.path.join(bank, n)) for n in os.listdir(bank)
+    """Bytes of the bank's index (columns, category ranges, manifest, stats): files a user put
+    in the folder (a plot, notes) are not the bank's size."""
+    names = {MANIFEST, STATS, *(n + ".npy" for n in (*COLUMNS, HASH_COLUMN, *CATEGORY_FILES))}
+    return sum(os.path.getsize(os.path.join(bank, n)) for n in names
                if os.path.isfile(os.path.join(bank, n)))

@@ -70,6 +70,7 @@ def _run(args) -> int:
         "rejects": args.rejects,
         "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained, "device": args.device,
                  "fp16": args.precision != "float32"}}, "extract")
-    summary = run_extract(cfg, executor=executors.from_arguments(args), overwrite=args.overwrite)
+    summary = run_extract(cfg, progress=not args.quiet, executor=executors.from_arguments(args),
+                          overwrite=args.overwrite)
     print(json.dumps(summary, indent=1, default=str))
     return 0

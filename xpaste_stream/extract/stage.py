@@ -35,7 +35,14 @@ from PIL import Image
 from .. import errors, formats, urls
 from ..config import ConfigError, check
 from ..executors import ExecutorConfig, run_units, start_ray, wants_gpu
-from ..manifest import RunManifest, open_run, output_files, settings_of
+from ..manifest import (
+    RunManifest,
+    identity_location,
+    input_identity,
+    open_run,
+    output_files,
+    settings_of,
+)
 from ..remote import check_location
 from ..shards import (
     ShardWriter,
@@ -97,6 +104,8 @@ class ExtractConfig:
             raise ValueError("min_confidence must be in [0, 1]")
         if self.batch_size < 1 or self.thumbnail_side < 8:
             raise ValueError("batch_size must be >= 1 and thumbnail_side >= 8")
+        if self.maxcount < 1 or self.maxsize < 1:
+            raise ValueError(f"maxcount {self.maxcount} and maxsize {self.maxsize} must be >= 1")
         names = self.segmenters
         if not names or len(set(names)) != len(names):
             raise ValueError(f"segmenters {names}: give at least one, each once")
@@ -306,8 +315,9 @@ RUNTIME_SETTINGS = ("inputs", "output", "device", "batch_size", "local_files_onl
 class ExtractUnit:
     """Samples [start, end) of input shard `source` (of `size` bytes), written as shard `shard`.
 
-    The key names the input by location and size, so a unit means the same images whatever
-    else exists or in what order the inputs were listed; shard numbers are given by the run
+    The key names the input by identity (`manifest.input_identity`: its real path relative
+    to the output, whatever its spelling) and size, so a unit means the same images whatever
+    else exists, in what order or how the inputs were listed; shard numbers are given by the run
     manifest (new units after the known ones), never by listing order.
     """
 
@@ -345,29 +355,36 @@ def count_samples(url: str) -> int:
     return sum(1 for _ in iter_tar(url, damage=[], complete=_whole))
 
 
-def plan_units(inputs: list[str], maxcount: int, run: RunManifest) -> list[ExtractUnit]:
+def plan_units(inputs: list[str], maxcount: int, run: RunManifest, output: str) -> list[ExtractUnit]:
     """Units of `maxcount` samples per input shard, shard numbers from (and into) `run`.
+    Inputs are keyed by `input_identity` (one input however it is spelled; the same input
+    given twice is planned once).
 
     Raises ConfigError before work when an input was extracted before with another size (it
     changed: its old instances would stay beside the new ones)."""
+    identities: dict[str, str] = {}
+    for url in inputs:
+        identities.setdefault(input_identity(url, output), url)
+    sources = list(identities.values())
     with ThreadPoolExecutor(8) as pool:  # one small read per shard; overlaps remote latency
-        sizes = list(pool.map(_input_size, inputs))
-        counts = list(pool.map(count_samples, inputs))
+        sizes = list(pool.map(_input_size, sources))
+        counts = list(pool.map(count_samples, sources))
     known: dict[str, str] = {}
     for key in run.units:
         source, size, _ = key.rsplit("|", 2)
         known[source] = size
-    changed = [f"{u} ({known[u]} -> {n} bytes)" for u, n in zip(inputs, sizes, strict=True)
-               if u in known and known[u] != str(n)]
+    changed = [f"{u} ({known[i]} -> {n} bytes)" for (i, u), n in zip(identities.items(), sizes, strict=True)
+               if i in known and known[i] != str(n)]
     if changed:
         raise ConfigError(f"extract: input shards changed since they were extracted into "
                           f"{run.path}: {', '.join(changed[:5])}; rerun with --overwrite to start over, "
                           "or write elsewhere")
-    spans = [(u, size, a, min(a + maxcount, n)) for u, size, n in zip(inputs, sizes, counts, strict=True)
+    spans = [(i, u, size, a, min(a + maxcount, n))
+             for (i, u), size, n in zip(identities.items(), sizes, counts, strict=True)
              for a in range(0, max(n, 1), maxcount)]
-    keys = [_unit_key(*span) for span in spans]
+    keys = [_unit_key(i, size, a, b) for i, _, size, a, b in spans]
     numbers = run.assign(keys)
-    return [ExtractUnit(k, numbers[k], u, a, b) for k, (u, _, a, b) in zip(keys, spans, strict=True)]
+    return [ExtractUnit(k, numbers[k], u, a, b) for k, (_, u, _, a, b) in zip(keys, spans, strict=True)]
 
 
 @dataclass
@@ -449,9 +466,10 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, scorer: ClipScorer | 
         plugins.check(spec, cfg.segmenter_options.get(spec, {}), cfg.local_files_only)
     run = open_run("extract", cfg.output, settings_of(cfg, RUNTIME_SETTINGS), overwrite=overwrite,
                    extra_outputs=tuple(_rejects_files(cfg.output)) if overwrite else ())
-    units = plan_units(inputs, cfg.maxcount, run)
+    units = plan_units(inputs, cfg.maxcount, run, cfg.output)
     fingerprint = run.fingerprint
-    absent = sorted({k.rsplit("|", 2)[0] for k in run.units} - set(inputs))
+    absent = sorted(identity_location(i, cfg.output) for i in {k.rsplit("|", 2)[0] for k in run.units}
+                    - {input_identity(u, cfg.output) for u in inputs})
     todo = [u for u in units if not unit_finished(cfg.output, u.key, u.shard, fingerprint)]
     if todo and executor.executor == "ray":
         start_ray(executor.ray_address)

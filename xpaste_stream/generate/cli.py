@@ -39,6 +39,7 @@ def _run(args) -> int:
         "num_categories": args.num_categories, "images_per_category": args.images_per_category,
         "image_size": args.image_size, "seed": args.seed, "maxcount": args.maxcount,
         "diffusers": diffusers, "folder": {"root": args.folder or ""}}, "generate")
-    summary = run_generate(cfg, executor=executors.from_arguments(args), overwrite=args.overwrite)
+    summary = run_generate(cfg, progress=not args.quiet, executor=executors.from_arguments(args),
+                           overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0

@@ -22,7 +22,7 @@ from typing import Literal
 from .. import errors, formats, urls
 from ..config import ConfigError, check
 from ..executors import ExecutorConfig, run_units, start_ray, wants_gpu
-from ..manifest import file_fingerprint, open_run, settings_of
+from ..manifest import file_fingerprint, input_identity, open_run, settings_of
 from ..remote import check_location
 from ..shards import ShardWriter, check_output_pattern, unit_finished
 from . import procedural
@@ -63,7 +63,11 @@ class GenerateConfig:
         if self.generator == "diffusers" and self.image_size % 8:
             raise ValueError(f"image_size {self.image_size} must be a multiple of 8 for diffusers")
         if self.generator == "folder" and not os.path.isdir(self.folder.root):
-            raise ValueError(f"generator 'folder' needs folder.root, a directory; got {self.folder.root!r}")
+            got = f"{self.folder.root!r} is not a directory" if self.folder.root else "none given"
+            raise ValueError(f"generator 'folder' needs --folder ROOT (folder.root in a pipeline "
+                             f"file), a directory of <category name>/ image folders; {got}")
+        if self.maxcount < 1 or self.maxsize < 1:
+            raise ValueError(f"maxcount {self.maxcount} and maxsize {self.maxsize} must be >= 1")
         check_output_pattern(self.output)
 
     def check_models(self) -> None:
@@ -158,7 +162,10 @@ def run_settings(cfg: GenerateConfig) -> dict:
     for other in {"diffusers", "folder"} - {cfg.generator}:  # another generator's table shapes nothing
         settings.pop(other)
     if cfg.categories is not None:
+        settings["categories"] = input_identity(cfg.categories, cfg.output)
         settings["categories_sha256"] = file_fingerprint(cfg.categories)
+    if cfg.generator == "folder":
+        settings["folder"]["root"] = input_identity(cfg.folder.root, cfg.output)
     return settings
 
 

@@ -6,7 +6,21 @@ import json
 import os
 import time
 
+from ..config import device_index, parse_device
 from .config import PasteConfig
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 or less is refused before any work)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def register(subparsers) -> None:
@@ -16,11 +30,11 @@ def register(subparsers) -> None:
                     "streams composited batches through the DALI loader and writes a PNG grid "
                     "of samples with mask outlines and labels, plus a stats JSON.")
     demo.add_argument("--workdir", default="./runs/demo")
-    demo.add_argument("--batches", type=int, default=20)
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--size", type=int, default=512, help="output side after LSJ (paper: 1024)")
-    demo.add_argument("--device", type=int, default=None, help="GPU id; CPU when omitted")
-    demo.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    demo.add_argument("--batches", type=positive_int, default=20, help="batches to stream")
+    demo.add_argument("--batch-size", type=positive_int, default=8, help="images per batch")
+    demo.add_argument("--size", type=positive_int, default=512, help="output side after LSJ (paper: 1024)")
+    demo.add_argument("--device", default="cpu", help="where the loader runs")
+    demo.add_argument("--threads", type=positive_int, default=os.cpu_count() or 2, help="DALI threads")
     demo.add_argument("--blending", choices=["hard", "alpha", "gaussian"], default="hard")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=int, default=2,
@@ -37,11 +51,11 @@ def register(subparsers) -> None:
     loader.add_argument("--workdir", default="./runs/demo", help="demo data (built if missing)")
     loader.add_argument("--backgrounds", default=None, help="background shard URLs (brace pattern)")
     loader.add_argument("--bank", default=None)
-    loader.add_argument("--size", type=int, default=640)
-    loader.add_argument("--batches", type=int, default=20)
-    loader.add_argument("--batch-size", type=int, default=16)
-    loader.add_argument("--device", type=int, default=None, help="GPU id; CPU when omitted")
-    loader.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    loader.add_argument("--size", type=positive_int, default=640, help="output side after LSJ")
+    loader.add_argument("--batches", type=positive_int, default=20, help="batches measured")
+    loader.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
+    loader.add_argument("--device", default="cpu", help="where the loader runs")
+    loader.add_argument("--threads", type=positive_int, default=os.cpu_count() or 2, help="DALI threads")
     loader.add_argument("--workers", type=int, default=2,
                         help="worker processes running the sample function")
     loader.add_argument("--feed-only", action="store_true",
@@ -51,11 +65,11 @@ def register(subparsers) -> None:
     loader.set_defaults(func=run_bench)
 
 
-def demo_data(workdir: str, seed: int = 0) -> dict:
+def demo_data(workdir: str, seed: int = 0, progress: bool = True) -> dict:
     """The procedural data set of `make_demo_data`, built once per workdir."""
     from ..pipeline import make_demo_data
 
-    return make_demo_data(workdir, seed=seed)
+    return make_demo_data(workdir, seed=seed, progress=progress)
 
 
 def run_demo(args) -> int:
@@ -64,22 +78,24 @@ def run_demo(args) -> int:
     from .loader import CopyPasteLoader
     from .preview import save_grid
 
-    data = demo_data(args.workdir, args.seed)
+    device_id = device_index(args.device)
+    data = demo_data(args.workdir, args.seed, progress=not args.quiet)
     paste = PasteConfig(output_size=args.size, blending=args.blending)
     loader = CopyPasteLoader(data["backgrounds"], data["bank"], paste, categories=data["categories"],
-                             batch_size=args.batch_size, device_id=args.device,
+                             batch_size=args.batch_size, device_id=device_id,
                              num_threads=args.threads, workers=args.workers, seed=args.seed)
     names = {c["id"]: c["name"] for c in loader.categories_doc["categories"]}
-    first, images, pasted = None, 0, 0
+    first, images, pasted, batches = None, 0, 0, 0
     started = time.perf_counter()
-    with tqdm(total=args.batches, desc="composited batches", unit="batch") as bar:
-        while bar.n < args.batches:
+    with tqdm(total=args.batches, desc="composited batches", unit="batch", disable=args.quiet) as bar:
+        while batches < args.batches:
             for batch in loader:
                 first = first or batch
                 images += len(batch.targets)
                 pasted += sum(int(t["source"].sum()) for t in batch.targets)
+                batches += 1
                 bar.update()
-                if bar.n >= args.batches:
+                if batches >= args.batches:
                     break
     seconds = time.perf_counter() - started
     grid = os.path.join(args.workdir, "demo-grid.png")
@@ -87,7 +103,7 @@ def run_demo(args) -> int:
     stats = {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 2),
              "pasted_instances_per_s": round(pasted / seconds, 2), "output_size": args.size,
              "workers": args.workers,
-             "device": "cpu" if args.device is None else f"cuda:{args.device}",
+             "device": "cpu" if device_id is None else f"cuda:{device_id}",
              "counters": loader.stats(), "grid": grid}
     loader.close()
     with open(os.path.join(args.workdir, "demo-stats.json"), "w") as f:
@@ -101,10 +117,11 @@ def run_demo(args) -> int:
 def run_bench(args) -> int:
     from .bench import device_name, measure_decode_only, measure_feed, measure_loader
 
+    args.device = device_index(parse_device(args.device))  # the benchmarks take a GPU id or None
     if args.backgrounds and args.bank:
         backgrounds, bank = args.backgrounds, args.bank
     else:
-        data = demo_data(args.workdir)
+        data = demo_data(args.workdir, progress=not args.quiet)
         backgrounds, bank = data["backgrounds"], data["bank"]
     paste = PasteConfig(output_size=args.size)
     device = "cpu" if args.feed_only else device_name(args.device)

@@ -31,7 +31,8 @@ XPASTE_DEFAULTS = {
     "CATEGORIES": "",            # categories.json ("" = beside the shards)
     "NUM_THREADS": 4,            # DALI threads per process
     "WORKERS": 2,                # processes doing the loader's host work per process
-    "DEVICE": "cuda",            # "cuda": composite on this process's GPU; "cpu"
+    "DEVICE": "cuda",            # the --device grammar: "cuda" (this process's GPU), "cuda:N",
+                                 # "auto" or "cpu"; no GPU here: the CPU
     "PASTE": {"OUTPUT_SIZE": 1024, "SCALE_RANGE": [0.1, 2.0], "MIN_PASTES": 0, "MAX_PASTES": 19,
               "CATEGORY_SAMPLING": "cas", "BLENDING": "hard"},
 }
@@ -164,11 +165,15 @@ def build_xpaste_train_loader(cfg) -> Detectron2TrainLoader:
         from detectron2.utils import comm
     except ImportError as e:
         raise ImportError(INSTALL_HINT) from e
+    from ..config import parse_device
     from .loader import CopyPasteLoader
 
     settings = loader_settings(cfg, comm.get_world_size())
-    gpu = cfg.XPASTE.DEVICE == "cuda" and torch.cuda.is_available()
-    loader = CopyPasteLoader(**settings, device_id=comm.get_local_rank() if gpu else None,
+    device = parse_device(cfg.XPASTE.DEVICE)
+    gpu = device != "cpu" and torch.cuda.is_available()
+    index = int(device[5:]) if device.startswith("cuda:") and comm.get_world_size() == 1 \
+        else comm.get_local_rank()
+    loader = CopyPasteLoader(**settings, device_id=index if gpu else None,
                              rank=comm.get_rank(), world_size=comm.get_world_size())
     id_map = contiguous_ids(loader.categories_doc)
     check_num_classes(cfg, id_map, getattr(loader, "categories_path", None) or

@@ -31,6 +31,6 @@ def _run(args) -> int:
         "categories_out": args.categories_out, "workers": args.workers, "maxcount": args.maxcount,
         "maxsize": args.maxsize, "verify_images": not args.no_verify,
         "allow_outside_images": args.allow_outside_images}, "pack-coco")
-    summary = run_pack_coco(cfg, overwrite=args.overwrite)
+    summary = run_pack_coco(cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .. import errors, formats, urls
 from ..config import ConfigError, check
-from ..manifest import open_run, settings_of
+from ..manifest import input_identity, open_run, settings_of
 from ..remote import check_location
 from ..shards import ShardWriter, check_output_pattern
 
@@ -53,6 +53,8 @@ class PackCocoConfig:
             raise ValueError("repeat_threshold must be in (0, 1)")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        if self.maxcount < 1 or self.maxsize < 1:
+            raise ValueError(f"maxcount {self.maxcount} and maxsize {self.maxsize} must be >= 1")
         check_output_pattern(self.output)
 
     def check_inputs(self) -> None:
@@ -314,15 +316,16 @@ def _sort_key(image: dict):
 
 
 def run_settings(cfg: PackCocoConfig) -> dict:
-    """What the run manifest fingerprints: the annotation file by location and size (an LVIS
-    json is too big to hash on every run), the image folder, every rule that shapes shards."""
+    """What the run manifest fingerprints: the annotation file by identity (relative to the
+    output, so a moved project folder resumes) and size (an LVIS json is too big to hash on
+    every run), the image folder, every rule that shapes shards."""
     settings = settings_of(cfg, ("output", "categories_out", "workers", "annotations", "images",
                                  "allow_outside_images"))
     if cfg.allow_outside_images:  # recorded only when set: older manifests stay comparable
         settings["allow_outside_images"] = True
-    settings.update(annotations=os.path.abspath(cfg.annotations),
+    settings.update(annotations=input_identity(cfg.annotations, cfg.output),
                     annotations_bytes=os.path.getsize(cfg.annotations),
-                    images=os.path.abspath(cfg.images))
+                    images=input_identity(cfg.images, cfg.output))
     return settings
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..config import from_dict, load_toml
+from ..config import ConfigError, from_dict, load_toml
 
 # flag -> (section, key) of TrainConfig; section None is the top level
 _TRAIN_FLAGS = {
@@ -20,7 +20,7 @@ _TRAIN_FLAGS = {
     "device": (None, "device"), "seed": (None, "seed"), "threads": (None, "loader_threads"),
     "pasted_box_loss": (None, "pasted_box_loss"), "pasted_mask_loss": (None, "pasted_mask_loss"),
     "log_every": (None, "log_every"), "checkpoint_every": (None, "checkpoint_every"),
-    "resume": (None, "resume"),
+    "resume": (None, "resume"), "overwrite": (None, "overwrite"),
     "backbone": ("model", "backbone"), "weights": ("model", "weights"),
     "backbone_weights": ("model", "backbone_weights"),
     "max_pastes": ("paste", "max_pastes"), "min_pastes": ("paste", "min_pastes"),
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     t.add_argument("--backgrounds", nargs="+", help="background shard URLs / patterns")
     t.add_argument("--bank", help="instance bank folder")
     t.add_argument("--categories", help="categories.json (default: beside the shards)")
-    t.add_argument("--output", help="folder for checkpoints and log.jsonl")
+    t.add_argument("--output", help="folder for checkpoints and log.jsonl (required, here or in "
+                                     "--config; one run per folder)")
     t.add_argument("--backbone", help="resnet50 (default), resnet18/34/101/..., or tiny (tests)")
     t.add_argument("--size", type=int, help="canvas side: loader output size = model input size")
     t.add_argument("--weights", help="local torchvision Mask R-CNN weights (e.g. COCO); never downloaded")
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
     t.add_argument("--lr-steps", type=int, nargs="*", help="steps where the lr drops x0.1")
     t.add_argument("--clip-grad", type=float, help="gradient norm clip (0: off)")
     t.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"])
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--device", help="(default: auto)")
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int, help="loader (DALI) threads per process")
     t.add_argument("--max-pastes", type=int)
@@ -68,6 +69,8 @@ def register(subparsers) -> None:
     t.add_argument("--log-every", type=int)
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--resume", help="a checkpoint file, or 'auto': the newest in --output")
+    t.add_argument("--overwrite", action="store_const", const=True,
+                   help="--output holds an earlier run: remove its checkpoints and log, start over")
     t.set_defaults(func=run_train)
 
     e = subparsers.add_parser(
@@ -81,10 +84,12 @@ def register(subparsers) -> None:
     e.add_argument("--images", help="its image folder")
     e.add_argument("--backgrounds", nargs="+", help="or background shards (ground truth from them)")
     e.add_argument("--categories", help="categories.json of the shards (default: beside them)")
-    e.add_argument("--evaluator", choices=["auto", "lvis", "coco"], default="auto")
+    e.add_argument("--evaluator", choices=["auto", "lvis", "coco"], default="auto",
+                   help="auto: from the ground truth's format (an LVIS json, or shards packed from "
+                        "LVIS: LVISEval; COCO: COCOeval)")
     e.add_argument("--output", default="runs/eval")
     e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--device", default="auto")
     e.add_argument("--max-dets", type=int, default=0, help="detections per image (0: 300 LVIS, 100 COCO)")
     e.add_argument("--score-thresh", type=float, default=1e-4)
     e.add_argument("--size", type=int, default=0, help="test size, longest side (0: training size)")
@@ -108,6 +113,11 @@ def train_config(args):
     if args.size is not None:
         table.setdefault("model", {})["image_size"] = args.size
         table.setdefault("paste", {})["output_size"] = args.size
+    if getattr(args, "quiet", False):
+        table["progress_every"] = 0.0
+    if not table.get("output_dir"):
+        raise ConfigError("train: --output FOLDER is required (checkpoints and log.jsonl go there; "
+                          "a run that keeps nothing cannot resume)")
     return from_dict(TrainConfig, table, args.config or "train")
 
 
@@ -122,7 +132,7 @@ def run_train(args) -> int:
     except (LoaderError, TrainError, CheckpointError, ModelError) as e:
         print(f"xpaste-stream train: error: {e}", file=sys.stderr)
         return 2
-    print(f"trained {result.steps} steps; {result.images_per_s:.1f} images/s, data wait "
+    print(f"trained {result.steps} steps; {result.images_per_s:.3g} images/s, data wait "
           f"{100 * result.data_wait_fraction:.1f} % of step time; checkpoint {result.last_checkpoint}")
     return 0
 
@@ -139,7 +149,7 @@ def run_evaluate(args) -> int:
         "detections_per_image": args.max_dets, "score_threshold": args.score_thresh,
         "image_size": args.size, "max_images": args.max_images}, "evaluate")
     try:
-        results = evaluate(cfg)
+        results = evaluate(cfg, progress=not getattr(args, "quiet", False))
     except (EvalError, CheckpointError, ModelError) as e:
         print(f"xpaste-stream evaluate: error: {e}", file=sys.stderr)
         return 2

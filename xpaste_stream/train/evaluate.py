@@ -27,7 +27,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from .. import formats, urls
-from ..config import check
+from ..config import check, device_index, parse_device
 from ..pack.coco import load_dataset
 from ..shards import iter_tar
 from .checkpoint import model_from_checkpoint
@@ -53,7 +53,7 @@ class EvalConfig:
     evaluator: Literal["auto", "lvis", "coco"] = "auto"  # auto: LVIS when the data has its fields
     output: str = "runs/eval"             # results.json, predictions.json (+ gt.json for shards)
     batch_size: int = 4
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"                  # auto, cpu, cuda or cuda:N (config.parse_device)
     detections_per_image: int = 0         # 0: 300 for LVIS, 100 for COCO (the official limits)
     score_threshold: float = 1e-4
     image_size: int = 0                   # longest side at test time; 0: the training size
@@ -69,6 +69,7 @@ class EvalConfig:
             raise ValueError("batch_size must be >= 1; detections_per_image and max_images >= 0")
         if not 0 <= self.score_threshold < 1:
             raise ValueError(f"score_threshold {self.score_threshold} must be in [0, 1)")
+        self.device = parse_device(self.device)
 
 
 @dataclass
@@ -119,7 +120,10 @@ def shard_ground_truth(background_urls, categories_doc: dict, limit: int = 0) ->
     categories = [{k: v for k, v in c.items() if k in ("id", "name", "frequency", "synonyms",
                                                         "image_count", "instance_count")}
                   for c in categories_doc["categories"]]
-    return {"images": images, "annotations": annotations, "categories": categories}, encoded
+    dataset = categories_doc.get("dataset")
+    info = {"xpaste_dataset": dataset} if dataset in ("lvis", "coco") else {}
+    return {"info": info, "images": images, "annotations": annotations,
+            "categories": categories}, encoded
 
 
 def decoded(encoded: list[tuple[int, bytes]]) -> Iterator[EvalImage]:
@@ -130,6 +134,15 @@ def decoded(encoded: list[tuple[int, bytes]]) -> Iterator[EvalImage]:
             continue
         yield EvalImage(image_id, decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                                mode=ImageReadMode.RGB))
+
+
+def ground_truth_format(doc: dict) -> str:
+    """'lvis' or 'coco': what the ground truth is, however it was passed (a json, or shards
+    whose categories.json names the data set pack-coco read); `--evaluator` forces one."""
+    dataset = (doc.get("info") or {}).get("xpaste_dataset")
+    if dataset in ("lvis", "coco"):
+        return dataset
+    return "lvis" if is_lvis(doc) else "coco"
 
 
 def is_lvis(doc: dict) -> bool:
@@ -154,7 +167,9 @@ class ModelPredictor:
 
 def to_results(output: dict, image_id: int, labels: LabelMap) -> list[dict]:
     """One image's torchvision output -> LVIS / COCO result entries (xywh boxes, category ids,
-    masks thresholded at 0.5 as compressed RLE)."""
+    masks thresholded at 0.5 as compressed RLE). Scores and boxes stay unrounded: the
+    evaluators rank detections of all images by score, so rounding would tie near-equal scores
+    of different images and let image order decide (AP changes)."""
     boxes = output["boxes"].float()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
     category_ids = labels.to_category_ids(output["labels"]).tolist()
@@ -164,15 +179,19 @@ def to_results(output: dict, image_id: int, labels: LabelMap) -> list[dict]:
     for i, (box, cid, score) in enumerate(zip(xywh, category_ids, scores, strict=True)):
         rle = mask_utils.encode(np.asfortranarray(masks[i]))
         segmentation = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()}
-        out.append({"image_id": int(image_id), "category_id": int(cid), "score": round(score, 5),
-                    "bbox": [round(v, 2) for v in box], "segmentation": segmentation})
+        out.append({"image_id": int(image_id), "category_id": int(cid), "score": score,
+                    "bbox": box, "segmentation": segmentation})
     return out
 
 
 def predict_all(predictor: Predictor, images: Iterator[EvalImage], labels: LabelMap,
-                batch_size: int) -> tuple[list[dict], int]:
-    """(results of every image, number of images)."""
+                batch_size: int, total: int | None = None, progress: bool = False
+                ) -> tuple[list[dict], int]:
+    """(results of every image, number of images); a progress bar on stderr with `progress`."""
+    from tqdm import tqdm
+
     results, seen, pending = [], 0, []
+    bar = tqdm(total=total, desc="evaluate: predict", unit="img", disable=not progress)
 
     def flush():
         outputs = predictor([p.image for p in pending], [p.image_id for p in pending])
@@ -185,12 +204,35 @@ def predict_all(predictor: Predictor, images: Iterator[EvalImage], labels: Label
         seen += 1
         if len(pending) == batch_size:
             flush()
+            bar.update(batch_size)
     if pending:
+        bar.update(len(pending))
         flush()
+    bar.close()
     return results, seen
 
 
 # -- metrics ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_evaluator():
+    """LVIS / pycocotools print progress, log at INFO/WARNING and raise numpy warnings (empty
+    means of categories without detections): none of it is for the user, the table is."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("lvis", "lvis.lvis", "lvis.eval", "lvis.results")]
+    levels = [lg.level for lg in loggers]
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -214,7 +256,7 @@ def lvis_metrics(gt, predictions: list[dict], max_dets: int) -> dict:
 
     out = {}
     for iou_type in ("bbox", "segm"):
-        with contextlib.redirect_stdout(io.StringIO()), lvis_numpy_compat():
+        with quiet_evaluator(), lvis_numpy_compat():
             ev = LVISEval(gt, LVISResults(gt, copy.deepcopy(predictions), max_dets=max_dets), iou_type)
             ev.run()
         out[iou_type] = {k: float(v) for k, v in ev.get_results().items()}
@@ -228,7 +270,7 @@ def coco_metrics(gt, predictions: list[dict], max_dets: int, frequency: dict[int
 
     out = {}
     for iou_type in ("bbox", "segm"):
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_evaluator():
             ev = COCOeval(gt, gt.loadRes(copy.deepcopy(predictions)), iou_type)
             ev.params.maxDets = [1, 10, max_dets]
             ev.evaluate()
@@ -257,24 +299,27 @@ def _per_category_ap(precision: np.ndarray, category_ids: list[int]) -> dict[int
 
 
 def format_table(metrics: dict) -> str:
-    """Rows bbox / segm, columns AP ... APr APc APf (x100); '-' where not defined."""
+    """Rows bbox / segm, columns AP ... APr APc APf in percent (results.json holds the same
+    values as fractions, as LVISEval / COCOeval give them); '-' where not defined."""
     columns = [c for c in TABLE_COLUMNS if any(c in m for m in metrics.values())]
     lines = ["       " + "".join(f"{c:>8}" for c in columns)]
     for iou_type, m in metrics.items():
         cells = [f"{100 * m[c]:8.2f}" if c in m and m[c] >= 0 else f"{'-':>8}" for c in columns]
         lines.append(f"{iou_type:<7}" + "".join(cells))
+    lines.append("(AP in %: results.json holds the same values as fractions)")
     return "\n".join(lines)
 
 
 # -- the command ----------------------------------------------------------------------------------
 
 
-def evaluate(cfg: EvalConfig, predictor: Predictor | None = None, labels: LabelMap | None = None) -> dict:
+def evaluate(cfg: EvalConfig, predictor: Predictor | None = None, labels: LabelMap | None = None,
+             progress: bool = False) -> dict:
     """Predict on every image, write predictions.json and results.json, return the results.
     `predictor` / `labels` replace the checkpoint's model (tests, other models)."""
     check(cfg, "evaluate")
     gt_doc, images, gt_path = _ground_truth(cfg)
-    lvis = cfg.evaluator == "lvis" or (cfg.evaluator == "auto" and is_lvis(gt_doc))
+    lvis = cfg.evaluator == "lvis" or (cfg.evaluator == "auto" and ground_truth_format(gt_doc) == "lvis")
     if lvis and not is_lvis(gt_doc):
         raise EvalError(f"{gt_path}: LVIS evaluation needs LVIS fields (category frequency, "
                         "neg_category_ids and not_exhaustive_category_ids per image); use --evaluator coco")
@@ -288,7 +333,10 @@ def evaluate(cfg: EvalConfig, predictor: Predictor | None = None, labels: LabelM
         step = state["step"]
         predictor = ModelPredictor(model, _device(cfg.device))
     _check_categories(labels, gt_doc, cfg)
-    predictions, n_images = predict_all(predictor, images, labels, cfg.batch_size)
+    total = len(gt_doc["images"]) if cfg.annotations else None
+    if total is not None and cfg.max_images:
+        total = min(total, cfg.max_images)
+    predictions, n_images = predict_all(predictor, images, labels, cfg.batch_size, total, progress)
     if not predictions:
         raise EvalError(f"{cfg.checkpoint}: no detections on {n_images} images above score "
                         f"{cfg.score_threshold}; nothing to evaluate")
@@ -356,6 +404,5 @@ def _check_categories(labels: LabelMap, gt_doc: dict, cfg: EvalConfig) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    index = device_index(name)
+    return torch.device("cpu") if index is None else torch.device("cuda", index)

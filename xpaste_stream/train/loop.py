@@ -17,6 +17,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import check
+from .. import errors, formats, urls
+from ..config import check, parse_device
 from ..loader import CopyPasteLoader, PasteConfig
 from .checkpoint import (
+    LATEST,
     check_identity,
     checkpoint_name,
     latest_checkpoint,
@@ -66,15 +71,18 @@ class TrainConfig:
     lr_steps: tuple[int, ...] = ()         # lr x 0.1 at each of these steps
     clip_grad_norm: float = 0.0            # 0: off
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, off on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"                   # auto, cpu, cuda or cuda:N (config.parse_device)
     seed: int = 0
     loader_threads: int = 4                # DALI threads per process
     loader_workers: int = 2                # processes doing the loader's host work per rank
     pasted_box_loss: bool = True           # False: pasted objects out of the box-regression loss
     pasted_mask_loss: bool = True          # False: pasted objects out of the mask loss
     log_every: int = 20
-    checkpoint_every: int = 1000           # steps; the last step is always saved
+    checkpoint_every: int = 1000           # steps; the last step, and a run stopped by Ctrl-C /
+                                           # SIGTERM, are always saved
     resume: str | None = None              # a checkpoint file, or "auto": output_dir's newest
+    overwrite: bool = False                # an output_dir of an earlier run: start over in it
+    progress_every: float = 5.0            # seconds between progress lines on stderr (0: none)
 
     def validate(self) -> None:
         if not self.backgrounds:
@@ -89,6 +97,11 @@ class TrainConfig:
             raise ValueError(f"lr {self.lr} must be > 0 and weight_decay >= 0")
         if self.resume == "auto" and not self.output_dir:
             raise ValueError("resume = 'auto' needs an output_dir to look in")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other (continue, or start over)")
+        if self.progress_every < 0:
+            raise ValueError(f"progress_every {self.progress_every} must be >= 0 seconds")
+        self.device = parse_device(self.device)
         if self.model.image_size != self.paste.output_size:
             raise ValueError(f"model.image_size {self.model.image_size} must equal "
                              f"paste.output_size {self.paste.output_size} (the loader's canvas)")
@@ -138,10 +151,12 @@ def init_runtime(device: str) -> Runtime:
     group per job (NCCL on GPUs, gloo on the CPU)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("device 'cuda' asked for, but CUDA is not available here")
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    where = torch.device("cuda", local) if cuda else torch.device("cpu")
+    device = parse_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"device {device!r} asked for, but CUDA is not available here")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    index = int(device[5:]) if device.startswith("cuda:") and world == 1 else local  # DDP: LOCAL_RANK
+    where = torch.device("cuda", index) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(where)
     owns = False
@@ -200,6 +215,62 @@ def make_loader(cfg: TrainConfig, rt: Runtime) -> CopyPasteLoader:
                            workers=cfg.loader_workers)
 
 
+def check_background_kind(patterns: list[str]) -> None:
+    """Instance or image shards given as backgrounds are named as what they are (a wrong-kind
+    input, not an old version to re-pack), before the loader reads them."""
+    for url in urls.expand(patterns)[:1]:
+        if not urls.exists(url):
+            return  # the loader names missing shards
+        from ..shards import iter_tar
+
+        try:
+            sample = next(iter(iter_tar(url, [])), None)
+            schema = json.loads(sample["json"]).get("schema") if sample else None
+        except (OSError, KeyError, ValueError, UnicodeDecodeError, AttributeError):
+            return  # damage is the loader's to report
+        kinds = {formats.IMAGE_SCHEMA: "image shards (generate's output)",
+                 **dict.fromkeys(formats.INSTANCE_SCHEMAS, "instance shards (extract's output)")}
+        if schema in kinds:
+            raise TrainError(f"--backgrounds {url}: these are {kinds[schema]}, schema {schema}, not "
+                             f"background shards ({formats.BACKGROUND_SCHEMA}, pack-coco's output); "
+                             "instances go in a bank (xpaste-stream index) given as --bank")
+
+
+RUN_FILES = ("log.jsonl",)  # besides checkpoints: what a run writes into its output folder
+
+
+def used_output(output_dir: str | None) -> list[str]:
+    """The files of an earlier run in `output_dir` (checkpoints, latest mark, log.jsonl)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir)
+                  if n in RUN_FILES or (n.startswith("checkpoint-") and n.endswith(".pt"))
+                  or n == os.path.basename(LATEST))
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """A folder holding an earlier run is refused (its checkpoints and log would mix with this
+    run's) unless the run resumes it or asks to start over (`overwrite`: its files removed)."""
+    present = used_output(cfg.output_dir)
+    if not present or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise TrainError(f"--output {cfg.output_dir} holds an earlier run ({len(present)} files, e.g. "
+                         f"{present[0]}); use --resume auto to continue it, --overwrite to start "
+                         "over (removes them), or another --output")
+    for name in present:
+        os.remove(os.path.join(cfg.output_dir, name))
+
+
+def check_resume_settings(state: dict, path: str, cfg: TrainConfig) -> None:
+    """Settings a mid-epoch resume cannot change, named by their flags."""
+    trained = (state.get("config") or {}).get("model", {}).get("image_size")
+    if trained is not None and int(trained) != cfg.model.image_size:
+        raise TrainError(f"{path}: trained at --size {trained}; this run asks for --size "
+                         f"{cfg.model.image_size}. Resume with --size {trained}, or start a new run "
+                         f"from its weights (--weights, another --output)")
+
+
 def resume_state(cfg: TrainConfig, identity: dict) -> tuple[dict | None, str | None]:
     """The checkpoint to continue from (checked to be of this model), or (None, None)."""
     if cfg.resume is None:
@@ -209,6 +280,7 @@ def resume_state(cfg: TrainConfig, identity: dict) -> tuple[dict | None, str | N
         return None, None  # "auto" in a fresh output folder: start from scratch
     state = read_checkpoint(path)
     check_identity(state, path, identity)
+    check_resume_settings(state, path, cfg)
     if state.get("loader") is None:
         raise TrainError(f"{path}: checkpoint holds no loader state; it cannot resume training "
                          "(use it as --weights to start a new run from its weights)")
@@ -231,6 +303,9 @@ class Trainer:
         self.cfg = cfg
         self.rt = init_runtime(cfg.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        check_background_kind(cfg.backgrounds)
+        if self.rt.rank == 0:
+            check_output(cfg)
         self.loader = make_loader(cfg, self.rt)
         self.categories = self.loader.categories_doc["categories"]
         self.labels = LabelMap.from_categories(self.loader.categories_doc)
@@ -258,6 +333,9 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         restore_rng(state)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        if self.rt.rank == 0:
+            print(f"train: resumed from step {self.step} (epoch {self.epoch}) of {self.resumed_from}",
+                  file=sys.stderr, flush=True)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -283,40 +361,70 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------
 
     def run(self, on_step: Callable[[StepRecord], None] | None = None) -> TrainResult:
+        """Train to the end; Ctrl-C / SIGTERM finish the step under way, save a checkpoint of
+        it and then stop (KeyboardInterrupt / errors.Terminated); a second signal stops at once."""
         cfg = self.cfg
         self.model.train()
-        log = Logger(cfg, self.rt)
+        log = Logger(cfg, self.rt, resumed_step=self.step if self.resumed_from else None)
+        progress = Progress(cfg.progress_every if self.rt.rank == 0 else 0, self.step,
+                            self._total_steps())
         waited = stepped = 0.0
         images = 0
         fresh_epoch = self.resumed_from is None  # a resumed epoch continues where it stopped
         timer = _Timed()
-        while not self._done():
-            if fresh_epoch:
-                start_epoch(self.loader, self.epoch)
-            fresh_epoch = True
-            for batch, wait_s in timer(self.loader, self.rt.device):
-                values = {k: float(v) for k, v in self.train_step(batch).items()}  # syncs
-                step_s = wait_s + timer.since_batch()
-                self.step += 1
-                n = len(batch.targets) * self.rt.world_size
-                waited, stepped, images = waited + wait_s, stepped + step_s, images + n
-                record = StepRecord(self.step, self.epoch, values.pop("loss"), values,
-                                    [int(t["image_id"]) for t in batch.targets], plan_digest(batch.plan),
-                                    wait_s, step_s, n)
-                log.add(record, lr_at(self.step - 1, cfg))
-                if on_step is not None:
-                    on_step(record)
-                if self.step % cfg.checkpoint_every == 0:
-                    self.save()
-                if self._done(steps_only=True):
-                    break
-            else:
-                self.epoch += 1
+        with deferred_signals() as stop, progress:
+            while not self._done():
+                if fresh_epoch:
+                    start_epoch(self.loader, self.epoch)
+                fresh_epoch = True
+                for batch, wait_s in timer(self.loader, self.rt.device):
+                    values = {k: float(v) for k, v in self.train_step(batch).items()}  # syncs
+                    step_s = wait_s + timer.since_batch()
+                    self.step += 1
+                    n = len(batch.targets) * self.rt.world_size
+                    waited, stepped, images = waited + wait_s, stepped + step_s, images + n
+                    record = StepRecord(self.step, self.epoch, values.pop("loss"), values,
+                                        [int(t["image_id"]) for t in batch.targets],
+                                        plan_digest(batch.plan), wait_s, step_s, n)
+                    log.add(record, lr_at(self.step - 1, cfg))
+                    progress.step(record)
+                    if on_step is not None:
+                        on_step(record)
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                    if stop.signum is not None:
+                        self._stop(stop.signum, log)
+                    if self._done(steps_only=True):
+                        break
+                else:
+                    self.epoch += 1
         if self.last_checkpoint is None or not self.last_checkpoint.endswith(checkpoint_name(self.step)):
             self.save()
         log.close()
         return TrainResult(self.step, self.epoch, self.last_checkpoint,
                            images / stepped if stepped else 0.0, waited / stepped if stepped else 0.0)
+
+    def _stop(self, signum: int, log: Logger) -> None:
+        """Save this step (unless just saved), say where, and stop like the signal would."""
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(checkpoint_name(self.step)):
+            self.save()
+        log.close()
+        name = signal.Signals(signum).name
+        if self.rt.rank == 0:
+            where = (f"checkpoint {self.last_checkpoint} written; rerun with --resume auto to continue"
+                     if self.cfg.output_dir else "no --output, so nothing was kept")
+            print(f"train: {name} at step {self.step}: {where}", file=sys.stderr, flush=True)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise errors.Terminated(signum)
+
+    def _total_steps(self) -> int | None:
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        try:
+            return self.cfg.epochs * len(self.loader)
+        except TypeError:
+            return None
 
     def _done(self, steps_only: bool = False) -> bool:
         if self.cfg.max_steps:
@@ -388,13 +496,16 @@ class Logger:
     """Every `log_every` steps: mean loss terms, lr, images/s and the data-wait fraction of
     the window, printed and appended to OUTPUT/log.jsonl (rank 0; losses averaged over ranks)."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, resumed_step: int | None = None):
         self.cfg, self.rt = cfg, rt
         self.window: list[StepRecord] = []
         self.file = None
         if cfg.output_dir and rt.rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
-            self.file = open(os.path.join(cfg.output_dir, "log.jsonl"), "a")
+            path = os.path.join(cfg.output_dir, "log.jsonl")
+            if resumed_step is not None:
+                keep_log_until(path, resumed_step)
+            self.file = open(path, "a")
 
     def add(self, record: StepRecord, lr: float) -> None:
         self.window.append(record)
@@ -429,3 +540,110 @@ class Logger:
         self.flush()  # the steps since the last full window
         if self.file:
             self.file.close()
+            self.file = None
+
+
+def keep_log_until(path: str, step: int) -> None:
+    """Drop the entries of steps after `step` (logged after the checkpoint a run resumes
+    from: the resumed run logs them again), so log.jsonl holds each step once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            entry_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+        if entry_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+class _StopFlag:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """SIGINT / SIGTERM during training set a flag the loop reads after each step (so the
+    checkpoint it saves is of a whole step); a second one raises at once."""
+    flag = _StopFlag()
+
+    def handler(signum, frame):
+        if flag.signum is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else errors.Terminated(signum)
+        flag.signum = signum
+        print(f"train: {signal.Signals(signum).name}: stopping after this step (again to stop now)",
+              file=sys.stderr, flush=True)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _rate(value: float) -> str:
+    """images/s with 3 significant digits: 0.0412, not 0.0."""
+    return f"{value:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """A line on stderr every `every` seconds (a thread, so slow steps still show life):
+    step, loss, images/s, ETA; and when no step has finished yet, what it waits for."""
+
+    def __init__(self, every: float, start_step: int, total: int | None):
+        self.every, self.start_step, self.total = every, start_step, total
+        self.last: StepRecord | None = None
+        self.steps = self.images = 0
+        self.started = time.perf_counter()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self.every > 0:
+            self._thread = threading.Thread(target=self._loop, name="train-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def step(self, record: StepRecord) -> None:
+        self.last, self.steps, self.images = record, self.steps + 1, self.images + record.images
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.every):
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        if self.last is None:
+            return f"train: step {self.start_step + 1} under way ({_duration(elapsed)}; the first " \
+                   "step includes the loader's start-up)"
+        step = self.last.step
+        of = f"/{self.total}" if self.total else ""
+        rate = self.images / elapsed if elapsed else 0.0
+        text = f"train: step {step}{of}, loss {self.last.loss:.4f}, {_rate(rate)} images/s"
+        if self.total and self.steps:
+            text += f", ETA {_duration((self.total - step) * elapsed / self.steps)}"
+        return text

@@ -50,6 +50,10 @@ class ModelConfig:
     def validate(self) -> None:
         if self.backbone not in (*RESNETS, "tiny"):
             raise ValueError(f"backbone {self.backbone!r}: use one of {', '.join(RESNETS)} or 'tiny'")
+        if self.backbone == "tiny" and self.backbone_weights:
+            raise ValueError(f"backbone_weights {self.backbone_weights!r} (--backbone-weights) given "
+                             "with backbone 'tiny', which has no pretrained form; drop them or "
+                             "use a ResNet backbone")
         if not 32 <= self.image_size <= 4096:
             raise ValueError(f"image_size {self.image_size} must be in [32, 4096]")
         if not 0 <= self.trainable_backbone_layers <= 5:
