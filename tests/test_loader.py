@@ -504,3 +504,12 @@ def test_damage_in_worker_processes_is_skipped_counted_and_named(tmp_path):
     assert used and not used & expected_bad
     assert stats["instances_corrupt"] == len([s for s in stats["skipped"] if s[2].startswith("instance")])
     loader.close()
+
+
+def test_instance_shards_as_backgrounds_are_named_as_such(tmp_path):
+    """Instance shards passed as backgrounds: the loader says what they are, not 'rerun pack-coco'."""
+    urls, bank, _ = corrupt_instance_dataset(str(tmp_path))
+    instance_shards = sorted(str(p) for p in (tmp_path / "inst").glob("*.tar"))
+    write_categories(str(tmp_path / "inst"), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    with pytest.raises(LoaderError, match=r"these are instance shards .* not background shards"):
+        CopyPasteLoader(instance_shards, bank, small())

@@ -456,13 +456,20 @@ def debug_crops(plan: PastePlan, table: np.ndarray, scratch: torch.Tensor) -> li
 
 
 def check_background_schema(index: BackgroundIndex, files: ShardFiles) -> None:
-    """Refuse shards of an older background schema before any work, with what to do."""
+    """Refuse shards of another kind or an older background schema before any work, with what
+    to do."""
     try:
         meta = json.loads(files.read(index, 0, "json"))
     except (formats.FormatError, ValueError, OSError):
         return  # a damaged first sample is skipped and counted like any other
-    if meta.get("schema") != formats.BACKGROUND_SCHEMA:
-        raise LoaderError(f"{index.urls[0]}: background schema {meta.get('schema')!r}, this "
+    schema = meta.get("schema")
+    if schema == formats.IMAGE_SCHEMA or schema in formats.INSTANCE_SCHEMAS:
+        kind = "image" if schema == formats.IMAGE_SCHEMA else "instance"
+        raise LoaderError(f"{index.urls[0]}: these are {kind} shards ({schema}), not background "
+                          f"shards ({formats.BACKGROUND_SCHEMA}, pack-coco's output); instances "
+                          "go in a bank (`xpaste-stream index`), backgrounds come from pack-coco")
+    if schema != formats.BACKGROUND_SCHEMA:
+        raise LoaderError(f"{index.urls[0]}: background schema {schema!r}, this "
                           f"version reads {formats.BACKGROUND_SCHEMA!r}; rerun `xpaste-stream "
                           "pack-coco` to rewrite the background shards")
 
