@@ -34,7 +34,9 @@ CUDA drivers are kept to index arithmetic and the body call, nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 from functools import cache
 
 import numba
@@ -246,6 +248,9 @@ _keeps_cpu = _body(_keeps)
 
 @_jit
 def _paste_cpu(table, rgb, alpha, scratch, sums, taps, radius, canvas, ids, mode, threshold):
+    """Paste by paste in paste order: resample its pixels near the canvas and, for hard and
+    alpha blending (no neighbourhood), composite each at once; gaussian blending composites
+    after every paste's sums (the CUDA drivers run the three passes one after the other)."""
     for row in range(table.shape[0]):
         h, w, sh, sw = table[row, C_H], table[row, C_W], table[row, C_SRC_H], table[row, C_SRC_W]
         scratch_at, rgb_at, alpha_at = table[row, C_SCRATCH_AT], table[row, C_RGB_AT], table[row, C_ALPHA_AT]
@@ -255,19 +260,25 @@ def _paste_cpu(table, rgb, alpha, scratch, sums, taps, radius, canvas, ids, mode
         qx = np.empty(w, np.int64)
         for ox in range(ox0, ox1):
             qx[ox] = _source_q_cpu(w - 1 - ox if table[row, C_FLIP] else ox, sw, w)
+        y0, x0, pad_at = table[row, C_Y], table[row, C_X], table[row, C_PAD_AT]
+        image, slot = table[row, C_IMAGE], table[row, C_SLOT]
         for oy in range(oy0, oy1):
             qy = _source_q_cpu(oy, sh, h)
             for ox in range(ox0, ox1):
                 _resample_cpu(oy, ox, qy, qx[ox], w, sh, sw, scratch_at, rgb_at, alpha_at, rgb,
                               alpha, scratch, mode, threshold)
-    if mode == 2:
-        for row in range(table.shape[0]):
-            h, w = table[row, C_H], table[row, C_W]
-            scratch_at, pad_at = table[row, C_SCRATCH_AT], table[row, C_PAD_AT]
-            for py in range(h + 2 * radius):
-                for px in range(w + 2 * radius):
-                    _blur_cpu(py, px, h, w, scratch_at, pad_at, scratch, sums, taps, radius, threshold)
-    for row in range(table.shape[0]):            # rows are in paste order within each image
+                if mode != 2:   # no neighbourhood: composite at once (the same pixels, in order)
+                    _composite_cpu(y0 + oy, x0 + ox, oy, ox, h, w, scratch_at, pad_at, image, slot,
+                                   canvas, ids, scratch, sums, taps, radius, mode, threshold)
+    if mode != 2:
+        return
+    for row in range(table.shape[0]):
+        h, w = table[row, C_H], table[row, C_W]
+        scratch_at, pad_at = table[row, C_SCRATCH_AT], table[row, C_PAD_AT]
+        for py in range(h + 2 * radius):
+            for px in range(w + 2 * radius):
+                _blur_cpu(py, px, h, w, scratch_at, pad_at, scratch, sums, taps, radius, threshold)
+    for row in range(table.shape[0]):            # gaussian: after every paste's sums
         y0, x0, h, w = table[row, C_Y], table[row, C_X], table[row, C_H], table[row, C_W]
         scratch_at, pad_at = table[row, C_SCRATCH_AT], table[row, C_PAD_AT]
         image, slot = table[row, C_IMAGE], table[row, C_SLOT]
@@ -292,6 +303,18 @@ def _masks_cpu(objects, bits, out):
                 _mask_cpu(o, r, j, sy, sx[j - left], objects, bits, out)
 
 
+@_body
+def _fold(kind, y, x, acc):
+    """Pixel (y, x) of kind 1 (placed) or 2 (placed and visible) into an object's running
+    `STATS` (a 9-tuple: area, placed box, visible box)."""
+    area, py0, py1, px0, px1, vy0, vy1, vx0, vx1 = acc
+    py0, py1, px0, px1 = min(py0, y), max(py1, y), min(px0, x), max(px1, x)
+    if kind == 2:
+        area += 1
+        vy0, vy1, vx0, vx1 = min(vy0, y), max(vy1, y), min(vx0, x), max(vx1, x)
+    return area, py0, py1, px0, px1, vy0, vy1, vx0, vx1
+
+
 @_jit
 def _object_cpu(o, objects, bits, table, scratch, ids, stats, masks, row_out, threshold):
     """One object's window (o < len(objects): real object o, else paste o - len(objects)):
@@ -299,9 +322,8 @@ def _object_cpu(o, objects, bits, table, scratch, ids, stats, masks, row_out, th
     Returns the window (y0, y1, x0, x1)."""
     size = ids.shape[1]
     n_real = objects.shape[0]
-    real = o < n_real
-    area, py0, py1, px0, px1, vy0, vy1, vx0, vx1 = 0, size, -1, size, -1, size, -1, size, -1
-    if real:
+    acc = (0, size, -1, size, -1, size, -1, size, -1)
+    if o < n_real:
         y0, y1, x0, x1 = objects[o, R_TOP], objects[o, R_BOTTOM], objects[o, R_LEFT], objects[o, R_RIGHT]
         by, bx, bh, bw = objects[o, R_BY], objects[o, R_BX], objects[o, R_BH], objects[o, R_BW]
         bits_at, image = objects[o, R_BITS_AT], objects[o, R_IMAGE]
@@ -309,31 +331,29 @@ def _object_cpu(o, objects, bits, table, scratch, ids, stats, masks, row_out, th
         for j in range(x0, x1):
             u = size - 1 - j if objects[o, R_FLIP] else j
             cx[j - x0] = _nearest_cpu(objects[o, R_LSJ_X] + u, objects[o, R_SRC_W], objects[o, R_LSJ_W]) - bx
+        for y in range(y0, y1):
+            cy = _nearest_cpu(objects[o, R_LSJ_Y] + y, objects[o, R_SRC_H], objects[o, R_LSJ_H]) - by
+            for x in range(x0, x1):
+                kind = _real_target_cpu(y, x, cy, cx[x - x0], bh, bw, bits_at, image, bits, ids)
+                if kind:
+                    acc = _fold(kind, y, x, acc)
+                    if kind == 2 and row_out >= 0:
+                        masks[row_out, y, x] = 1
     else:
         row = o - n_real
         py, px, h, w = table[row, C_Y], table[row, C_X], table[row, C_H], table[row, C_W]
         y0, y1, x0, x1 = max(py, 0), min(py + h, size), max(px, 0), min(px + w, size)
         scratch_at, image, slot = table[row, C_SCRATCH_AT], table[row, C_IMAGE], table[row, C_SLOT]
-        cx = np.empty(0, np.int64)
-    for y in range(y0, y1):
-        if real:
-            cy = _nearest_cpu(objects[o, R_LSJ_Y] + y, objects[o, R_SRC_H], objects[o, R_LSJ_H]) - by
-        for x in range(x0, x1):
-            if real:
-                kind = _real_target_cpu(y, x, cy, cx[x - x0], bh, bw, bits_at, image, bits, ids)
-            else:
+        for y in range(y0, y1):
+            for x in range(x0, x1):
                 kind = _pasted_target_cpu(y, x, y - py, x - px, h, w, scratch_at, image, slot,
                                           scratch, ids, threshold)
-            if kind == 0:
-                continue
-            py0, py1, px0, px1 = min(py0, y), max(py1, y), min(px0, x), max(px1, x)
-            if kind == 2:
-                area += 1
-                vy0, vy1, vx0, vx1 = min(vy0, y), max(vy1, y), min(vx0, x), max(vx1, x)
-                if row_out >= 0:
-                    masks[row_out, y, x] = 1
-    stats[o, 0], stats[o, 1], stats[o, 2], stats[o, 3], stats[o, 4] = area, py0, py1, px0, px1
-    stats[o, 5], stats[o, 6], stats[o, 7], stats[o, 8] = vy0, vy1, vx0, vx1
+                if kind:
+                    acc = _fold(kind, y, x, acc)
+                    if kind == 2 and row_out >= 0:
+                        masks[row_out, y, x] = 1
+    for k in range(9):
+        stats[o, k] = acc[k]
     return y0, y1, x0, x1
 
 
@@ -580,12 +600,24 @@ def real_object_table(boxes: np.ndarray, counts: np.ndarray, plan, size: int) ->
     return table
 
 
+HUGE_PAGE_BYTES = 4 << 20
+
+
 def zeros(shape: tuple, dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed tensor; on the CPU from calloc'd memory (numpy), so that pages nobody writes
-    are never touched (torch.zeros writes every byte: ~9 ms per 640 image for the masks)."""
-    if device.type == "cpu":
-        return torch.from_numpy(np.zeros(shape, torch.empty(0, dtype=dtype).numpy().dtype))
-    return torch.zeros(shape, dtype=dtype, device=device)
+    """A zeroed tensor. On the CPU from fresh anonymous memory: pages nobody writes are never
+    touched (torch.zeros writes every byte: ~9 ms per 640 image for the masks), and large
+    buffers ask for transparent huge pages, since the kernel's zeroing of 4 KiB pages on first
+    write (one fault per page a mask row touches) cost ~5 ms per 640 image here."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    nbytes = int(np.prod(shape)) * np_dtype.itemsize
+    if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.from_numpy(np.zeros(shape, np_dtype))
+    memory = mmap.mmap(-1, nbytes)
+    with contextlib.suppress(OSError):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.from_numpy(np.frombuffer(memory, np_dtype).reshape(shape))
 
 
 def _device_array(tensor: torch.Tensor):

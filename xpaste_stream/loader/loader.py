@@ -153,6 +153,7 @@ class CopyPasteLoader:
         self._pipe_next: tuple[int, int] | None = None  # what the live pipeline gives next
         self._decoder = None                             # instance_pipeline, built on first use
         self._workers: set[int] = set()                  # pids of the live pipeline's workers
+        self._owner = os.getpid()                        # forked workers hold copies of self
         self.restarts = 0                                # pipelines replaced after a lost worker
 
     # -- order and state ------------------------------------------------------------------------
@@ -210,8 +211,11 @@ class CopyPasteLoader:
         self._workers = set()
 
     def __del__(self):
-        with contextlib.suppress(Exception):
-            self.close()
+        # only in the process that made the loader: a forked worker's copy of a loader must
+        # not touch the parent's DALI pipelines (DALI aborts the worker)
+        if getattr(self, "_owner", None) == os.getpid():
+            with contextlib.suppress(Exception):
+                self.close()
 
     def _pipeline(self):
         """The live pipeline if it continues at (epoch, samples), else a new one started there."""
@@ -225,7 +229,15 @@ class CopyPasteLoader:
         pipe = self.background_pipeline(self.device_id)
         if cfg.workers:
             before = _child_pids()
-            pipe.start_py_workers()
+            # forked workers must never finalise a copy of a DALI pipeline (DALI aborts them):
+            # collect what is garbage here, and freeze the rest for the children (Python's
+            # advice for fork without exec; it also keeps inherited pages shared)
+            gc.collect()
+            gc.freeze()
+            try:
+                pipe.start_py_workers()
+            finally:
+                gc.unfreeze()
             self._workers = _child_pids() - before
         pipe.build()
         self._pipe, self._pipe_next = pipe, (self.epoch, self.samples)
