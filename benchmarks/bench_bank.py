@@ -1,12 +1,11 @@
 """Benchmark the instance bank: index build, bytes per instance, draws/s, random reads/s.
 
-    python benchmarks/bench_bank.py [--instances 1000000] [--workers 2]
+    python benchmarks/bench_bank.py [--instances 1000000] [--workers 2] [--quick]
 
-Writes synthetic instance shards (an 8x8 jpg and mask prepared once and reused; JSON per
-instance; category counts Zipf-like over 1203 LVIS-sized categories), indexes them, times the
-samplers and random reads, and writes benchmarks/results/bank-cpu.json. Shards are written as
-plain ustar directly (the format `ShardWriter` produces, checked against `shards.iter_tar`), so
-writing a million instances takes seconds, not minutes.
+Writes synthetic instance shards (benchmarks/synthetic.py: a few tiny 8x8 instances built by
+`formats.instance_sample` and repeated with distinct keys; category counts Zipf-like over 1203
+LVIS-sized categories), indexes them, times the samplers and random reads, and writes
+benchmarks/results/bank-cpu.json (`--quick`: 20k instances, a temp file).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -24,8 +22,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from xpaste_stream import formats, shards  # noqa: E402
+import synthetic  # noqa: E402  (benchmarks/synthetic.py)
+
 from xpaste_stream.bank import InstanceBank, build_index, make_sampler  # noqa: E402
 
 TARGETS = {"bytes_per_instance": 32, "build_seconds_1m": 60, "draws_per_second": 1_000_000}
@@ -43,78 +43,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draw-seconds", type=float, default=1.0, help="time spent per sampler kind")
     p.add_argument("--workdir", default=None, help="where shards and bank go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the shards and bank")
-    p.add_argument("--out", default=RESULT)
-    return p.parse_args()
+    p.add_argument("--out", default=None, help=f"result file (default {RESULT}; with --quick a temp file)")
+    p.add_argument("--quick", action="store_true",
+                   help="the whole path on 20k instances in seconds; never writes the recorded figures")
+    args = p.parse_args()
+    if args.quick:
+        args.instances, args.reads, args.draw_seconds = 20_000, 2_000, 0.05
+    args.out = args.out or (quick_result_path("bank-cpu") if args.quick else RESULT)
+    return args
+
+
+def quick_result_path(name: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"{name}-quick.json")
 
 
 # -- synthetic shards ---------------------------------------------------------------------------
 
 
-def _header_template() -> bytearray:
-    h = bytearray(512)
-    h[100:108] = b"0000444\0"          # mode
-    h[108:116] = h[116:124] = b"0000000\0"  # uid, gid
-    h[136:148] = b"00000000000\0"       # mtime
-    h[156:157] = b"0"                   # regular file
-    h[257:265] = b"ustar\x0000"
-    return h
-
-
-_TEMPLATE = _header_template()
-
-
-def ustar_member(name: bytes, data: bytes) -> bytes:
-    """Header + data + padding of one tar member, as tarfile writes it in USTAR format."""
-    h = bytearray(_TEMPLATE)
-    h[0:len(name)] = name
-    h[124:136] = b"%011o\0" % len(data)
-    h[148:156] = b"        "
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h) + data + bytes(-len(data) % 512)
-
-
-def sample_payloads() -> tuple[bytes, bytes, dict]:
-    rng = np.random.default_rng(0)
-    s = formats.instance_sample("x", rng.integers(0, 256, (8, 8, 3), np.uint8),
-                                rng.integers(0, 256, (8, 8), np.uint8), category_id=0, category="x",
-                                clip_score=30.0, source_key="x", generator="bench", segmenter="bench")
-    return s["jpg"], s["mask.png"], json.loads(s["json"])
-
-
-def write_shard(task: tuple[str, int, np.ndarray]) -> str:
-    path, first, categories = task
-    jpg, mask, meta = sample_payloads()
-    parts = []
-    for i, c in enumerate(categories.tolist(), start=first):
-        key = b"b%09d" % i
-        meta.update(category_id=c, category=f"cat{c}", source_key=key.decode())
-        parts += [ustar_member(key + b".jpg", jpg), ustar_member(key + b".mask.png", mask),
-                  ustar_member(key + b".json", formats.json_bytes(meta))]
-    parts.append(bytes(1024))  # end-of-archive marker
-    with open(path, "wb") as f:
-        f.write(b"".join(parts))
-    return path
-
-
 def write_shards(workdir: str, n: int, per_shard: int, num_categories: int, workers: int) -> list[str]:
-    rng = np.random.default_rng(1)
-    weights = 1.0 / np.arange(1, num_categories + 1) ** 0.9  # long-tailed like LVIS
-    categories = rng.choice(np.arange(1, num_categories + 1), size=n, p=weights / weights.sum())
-    tasks = [(os.path.join(workdir, f"inst-{k:06d}.tar"), start, categories[start:start + per_shard])
-             for k, start in enumerate(range(0, n, per_shard))]
-    with multiprocessing.Pool(workers) as pool:
-        paths = pool.map(write_shard, tasks, chunksize=8)
-    check_shard(paths[0], tasks[0][2])
-    return paths
-
-
-def check_shard(path: str, categories: np.ndarray) -> None:
-    """The synthetic shard reads back as valid instance samples through the project's reader."""
-    samples = list(shards.iter_tar(path))
-    assert len(samples) == len(categories), (len(samples), len(categories))
-    for sample, c in zip(samples, categories, strict=True):
-        assert formats.read_instance_meta(sample)["category_id"] == c
-        assert set(sample) == {"__key__", "__url__", "jpg", "mask.png", "json"}
+    return synthetic.write_instance_shards(workdir, synthetic.longtail_categories(n, num_categories),
+                                           per_shard, workers)
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -145,14 +93,6 @@ def reads_per_second(bank: InstanceBank, reads: int) -> float:
     for iid in ids.tolist():
         bank.read(iid)
     return round(reads / (time.perf_counter() - started))
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown cpu"
 
 
 def main() -> None:
@@ -198,9 +138,9 @@ def main() -> None:
               "build_seconds_1m": round(figures["build_seconds_per_1m"] / TARGETS["build_seconds_1m"], 3)}
     ratios.update({f"draws_per_second.{k}": round(v / TARGETS["draws_per_second"], 2)
                    for k, v in draws.items()})
-    result = {"benchmark": "bank", "device": f"cpu: {cpu_model()}, {os.cpu_count()} cores",
+    result = {"benchmark": "bank", "device": f"cpu: {synthetic.cpu_model()}, {os.cpu_count()} cores",
               "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "keep", "out")}
-              | {"page_cache": "warm (shards just written)", "payload": "8x8 jpg + 8x8 mask png"},
+              | {"page_cache": "warm (shards just written)", "payload": "8x8 jpg q50 + mask.lz4"},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "figures": figures, "targets": TARGETS, "ratios": ratios,
               "notes": "ratios are figure/target: <= 1 is good for bytes and seconds, >= 1 for draws/s"}

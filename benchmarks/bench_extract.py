@@ -1,6 +1,6 @@
 """Extraction throughput: batched (segment + CLIP score) vs a naive one-image-at-a-time loop.
 
-    python benchmarks/bench_extract.py [--images N] [--batch-size B] [--device cpu|cuda]
+    python benchmarks/bench_extract.py [--images N] [--batch-size B] [--device cpu|cuda] [--quick]
 
 Two settings, each timed both ways on the same decoded samples (procedural images):
 - `clip+clipseg`: segmenter CLIPSeg (rd64 architecture, ViT-B/16 at 352 px);
@@ -11,7 +11,8 @@ architectures with random weights (speed does not depend on the weights; nothing
 saved with save_pretrained and loaded back through the user path; fp16 on a GPU, float32 on CPU.
 Batched = `extract_batch` over B images (one segmenter call and one CLIP forward per batch);
 naive = `extract_one` per image. Shard reading and writing are left out of both.
-Writes benchmarks/results/extract-<device>.json.
+Writes benchmarks/results/extract-<device>.json. `--quick`: the same path with tiny CLIP,
+CLIPSeg and SAM configs on 2 images of 64 px, result in a temp file (checks the path only).
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
 import open_clip
 import torch
 
-from xpaste_stream.extract import ClipScorer, ExtractConfig, Rejected, extract_batch, extract_one
-from xpaste_stream.extract.stage import make_segmenters
-from xpaste_stream.generate import GenerateConfig, run_generate
-from xpaste_stream.shards import iter_tar
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xpaste_stream.extract import ClipScorer, ExtractConfig, Rejected, extract_batch, extract_one  # noqa: E402
+from xpaste_stream.extract.stage import make_segmenters  # noqa: E402
+from xpaste_stream.generate import GenerateConfig, run_generate  # noqa: E402
+from xpaste_stream.shards import iter_tar  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -57,8 +61,37 @@ def byte_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[])
 
 
-def save_models(folder: str) -> dict[str, str]:
-    """CLIPSeg (rd64-refined architecture) and SAM ViT-B, random weights, as local folders."""
+TINY_CLIP = "xpaste-bench-tiny-clip"  # --quick
+TINY_CLIP_CFG = {"embed_dim": 32,
+                 "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                "patch_size": 8},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                              "layers": 1}}
+
+
+def tiny_model_configs(vocab_size: int = 49408) -> dict:
+    """CLIPSeg and SAM configs of a few layers (--quick)."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407, vocab_size=vocab_size)
+    clipseg = dict(text_config=text,
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, image_size=32, patch_size=8),
+                   projection_dim=16, extract_layers=[1], reduce_dim=16,
+                   decoder_num_attention_heads=2, decoder_intermediate_size=32)
+    vision = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=64, patch_size=8, mlp_dim=64, global_attn_indexes=[1], window_size=4,
+                  num_pos_feats=8)
+    sam = dict(vision_config=vision,
+               prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+               mask_decoder_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        mlp_dim=32, iou_head_hidden_dim=16, vit_dim=32))
+    return {"clipseg": clipseg, "sam": sam}
+
+
+def save_models(folder: str, tiny: bool = False) -> dict[str, str]:
+    """CLIPSeg (rd64-refined architecture) and SAM ViT-B, random weights, as local folders
+    (tiny: a few layers each, for --quick)."""
     from transformers import (
         CLIPSegConfig,
         CLIPSegForImageSegmentation,
@@ -71,13 +104,19 @@ def save_models(folder: str) -> dict[str, str]:
     )
 
     torch.manual_seed(0)
+    tokenizer = byte_tokenizer()
+    tiny_cfg = tiny_model_configs() if tiny else {"clipseg": {"reduce_dim": 64}, "sam": {}}
+    side = 32 if tiny else 352
     clipseg = os.path.join(folder, "clipseg")
-    CLIPSegForImageSegmentation(CLIPSegConfig(reduce_dim=64)).save_pretrained(clipseg)
-    CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": 352, "width": 352}),
-                     tokenizer=byte_tokenizer()).save_pretrained(clipseg)
+    CLIPSegForImageSegmentation(CLIPSegConfig(**tiny_cfg["clipseg"])).save_pretrained(clipseg)
+    CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": side, "width": side}),
+                     tokenizer=tokenizer).save_pretrained(clipseg)
     sam = os.path.join(folder, "sam")
-    SamModel(SamConfig()).save_pretrained(sam)
-    SamProcessor(image_processor=SamImageProcessor()).save_pretrained(sam)
+    SamModel(SamConfig(**tiny_cfg["sam"])).save_pretrained(sam)
+    images = SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+                               mask_size={"longest_edge": 16},
+                               mask_pad_size={"height": 16, "width": 16}) if tiny else SamImageProcessor()
+    SamProcessor(image_processor=images).save_pretrained(sam)
     return {"clipseg": clipseg, "sam": sam}
 
 
@@ -119,7 +158,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default 2 on CPU, 32 on GPU")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--model", default="ViT-L-14")
+    ap.add_argument("--out", default=None, help="result file (default benchmarks/results/extract-DEVICE"
+                                               ".json; --quick: a temp file)")
+    ap.add_argument("--quick", action="store_true", help="tiny models, 2 images: checks the path only")
     args = ap.parse_args()
+    if args.quick:
+        args.images, args.batch_size, args.image_size, args.model = 2, 2, 64, TINY_CLIP
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_path = os.path.join(tmp, f"{TINY_CLIP}.json")
+            with open(cfg_path, "w") as f:
+                json.dump(TINY_CLIP_CFG, f)
+            open_clip.add_model_config(cfg_path)
     gpu = args.device.startswith("cuda")
     images = args.images or (256 if gpu else 2)
     batch_size = args.batch_size or (32 if gpu else 2)
@@ -130,7 +179,7 @@ def main() -> None:
                         fp16=gpu)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = save_models(tmp)
+        paths = save_models(tmp, tiny=args.quick)
         options = {"clipseg": {"model": paths["clipseg"]}, "sam": {"model": paths["sam"]}}
         for label, names in (("clip+clipseg", ["clipseg"]), ("clip+clipseg+sam", ["clipseg", "sam"])):
             cfg = ExtractConfig(inputs=["in-memory"], segmenters=names, scorer="clip",
@@ -155,8 +204,9 @@ def main() -> None:
                      "cpu_count": os.cpu_count(), "io": "excluded (samples decoded from memory)"},
         "runs": runs,
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"extract-{'gpu' if gpu else 'cpu'}.json")
+    path = args.out or (os.path.join(tempfile.gettempdir(), "extract-quick.json") if args.quick else
+                        os.path.join(RESULTS, f"extract-{'gpu' if gpu else 'cpu'}.json"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")

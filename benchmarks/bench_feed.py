@@ -1,6 +1,6 @@
 """Host feed and whole loader, loader v2 side by side with the previous version (v1), one run.
 
-    python3 benchmarks/bench_feed.py [--images 256] [--batches 20] [--size 640]
+    python3 benchmarks/bench_feed.py [--images 256] [--batches 20] [--size 640] [--quick]
 
 Data: procedural backgrounds of LVIS density (640x480, U{0..24} objects, ~12 per image, polygon
 and RLE masks) packed by each version's own pack-coco, and each version's own demo bank (20
@@ -10,7 +10,8 @@ and run in a subprocess with its own code. Figures:
   in 1 and 2 DALI worker processes (bench.measure_feed); v1: its single producer thread
   (`planned_batches`: DALI reader, full-resolution RLE decode, plan, instance bytes);
 - loader: the whole loader on the CPU (compositing included), images/s and per CPU-second.
-Writes benchmarks/results/loader-feed-cpu.json.
+Writes benchmarks/results/loader-feed-cpu.json. `--quick`: v2's whole path on 16 images and
+2 batches in a temp folder, v1 left out (its checkout and data take minutes), a temp result file.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runs from a checkout without installing
 V1_COMMIT = "a48d8b8"  # the last commit with the single-producer loader
 
 DATA = textwrap.dedent("""
-    import os, subprocess, sys
+    import json, os, subprocess, sys
     from xpaste_stream.generate.procedural import SceneSpec, category_names, write_scene_dataset
     from xpaste_stream.pipeline import make_demo_data
     work = sys.argv[1]
-    bank = make_demo_data(os.path.join(work, "demo"), progress=False)
+    demo = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}  # smaller demo data (--quick)
+    bank = make_demo_data(os.path.join(work, "demo"), progress=False, **demo)
     ann = write_scene_dataset(os.path.join(work, "scenes"), category_names(20),
                               SceneSpec(num_images=int(sys.argv[2]), image_size=(480, 640),
                                         max_objects=24, seed=7))
@@ -81,32 +85,52 @@ def v1_checkout(path: str) -> str:
     return path
 
 
+def measure_v1(args, v1_work: str) -> dict:
+    v1_root = v1_checkout(os.path.join(args.workdir, "v1-src"))
+    run(DATA, v1_work, args.images, pythonpath=v1_root)
+    return json.loads(run(V1_MEASURE, v1_work, args.size, args.batches, pythonpath=v1_root))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--size", type=int, default=640)
-    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-feed"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "loader-feed-cpu.json"))
+    ap.add_argument("--workdir", default=None, help="default runs/bench-feed (--quick: a temp folder)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/loader-feed-cpu.json "
+                                               "(--quick: a temp file)")
+    ap.add_argument("--quick", action="store_true",
+                    help="v2 only, 16 images, 2 batches, temp folder: checks the path, records nothing")
     args = ap.parse_args()
+    if args.quick:
+        args.images, args.batches = 16, 2
+        with tempfile.TemporaryDirectory(prefix="bench-feed-") as tmp:
+            args.workdir = tmp
+            args.out = args.out or os.path.join(tempfile.gettempdir(), "loader-feed-cpu-quick.json")
+            return measure(args)
+    args.workdir = args.workdir or os.path.join(ROOT, "runs", "bench-feed")
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", "loader-feed-cpu.json")
+    return measure(args)
 
+
+def measure(args) -> int:
     from xpaste_stream.loader import PasteConfig
     from xpaste_stream.loader.bench import measure_feed, measure_loader
 
-    v1_root = v1_checkout(os.path.join(args.workdir, "v1-src"))
     v1_work, v2_work = os.path.join(args.workdir, "v1"), os.path.join(args.workdir, "v2")
     for work in (v1_work, v2_work):  # each version writes its own data, afresh
         shutil.rmtree(work, ignore_errors=True)
-    run(DATA, v1_work, args.images, pythonpath=v1_root)
-    bank = run(DATA, v2_work, args.images)
+    demo = {"num_categories": 4, "instances_per_category": 5, "num_backgrounds": 8,
+            "image_size": 128} if args.quick else {}
+    bank = run(DATA, v2_work, args.images, *([json.dumps(demo)] if demo else []))
     urls = os.path.join(v2_work, "bg", "bg-*.tar")
     paste = PasteConfig(output_size=args.size)
-
-    v1 = json.loads(run(V1_MEASURE, v1_work, args.size, args.batches, pythonpath=v1_root))
+    v1 = None if args.quick else measure_v1(args, v1_work)
     feed = {f"v2_{w}_workers": measure_feed(urls, bank, paste, 16, args.batches, w) for w in (1, 2)}
     whole = measure_loader(urls, bank, paste, 8, args.batches // 2, None, 2, workers=2)
     whole.pop("stats")
     f1, f2 = feed["v2_1_workers"], feed["v2_2_workers"]
+    v1 = v1 or {"feed": f1, "loader": whole}  # --quick: no v1; ratios against v2 itself
     result = {
         "device": "cpu", "cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

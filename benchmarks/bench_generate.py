@@ -1,6 +1,6 @@
 """Benchmark stage 1 text-to-image: the batched stage vs a naive one-image-at-a-time loop.
 
-    python benchmarks/bench_generate.py [--images 8] [--batch-size 8] [--size N] [--steps N]
+    python benchmarks/bench_generate.py [--images 8] [--batch-size 8] [--size N] [--steps N] [--quick]
 
 Both sides use one StableDiffusionPipeline with the real SD 1.5 architectures (UNet, VAE, CLIP
 ViT-L/14 text encoder; configs written below) and random weights: speed does not depend on the
@@ -14,7 +14,8 @@ steps, guidance, size, per-image seeds, JPEG encoding and shard writing.
 
 On a GPU: 512 px, 50 steps, fp16 (the recipe). On the CPU the defaults shrink size and steps so
 the run ends in minutes on 2 cores; the settings in the result say what was measured. Writes
-benchmarks/results/generate-<device>.json.
+benchmarks/results/generate-<device>.json. `--quick`: the same path with tiny UNet / VAE / text
+encoder configs, 2 images of 64 px, 2 steps, result in a temp file (checks the path only).
 """
 
 from __future__ import annotations
@@ -58,11 +59,22 @@ CLIP_L14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, 
                      projection_dim=768, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       num_train_timesteps=1000, steps_offset=1, prediction_type="epsilon")
+# --quick: the same component classes, tiny
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                 block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=4,
+                 norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64), norm_num_groups=8,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                scaling_factor=0.18215)
+TINY_TEXT = dict(CLIP_L14_TEXT, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, projection_dim=32)
 NAMES = ["red_circle", "tennis_racket", "coffee_mug", "giraffe", "teapot", "bicycle", "umbrella",
          "toaster", "violin", "pineapple", "lamp", "kite"]
 
 
-def build_pipeline(device: str, dtype: torch.dtype, workdir: str):
+def build_pipeline(device: str, dtype: torch.dtype, workdir: str, tiny: bool = False):
     """SD 1.5 architectures with random weights; only the tokenizer is a stand-in."""
     from diffusers import (
         AutoencoderKL,
@@ -80,8 +92,9 @@ def build_pipeline(device: str, dtype: torch.dtype, workdir: str):
     with open(os.path.join(workdir, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
     torch.manual_seed(0)
-    unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT))
+    unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
+    vae = AutoencoderKL(**(TINY_VAE if tiny else SD15_VAE))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**(TINY_TEXT if tiny else CLIP_L14_TEXT)))
     return StableDiffusionPipeline(
         vae=vae.to(device, dtype), text_encoder=text_encoder.to(device, dtype),
         tokenizer=CLIPTokenizer.from_pretrained(workdir, model_max_length=77),
@@ -115,7 +128,12 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512 if gpu else 128)
     p.add_argument("--steps", type=int, default=50 if gpu else 4)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--out", default=None, help="result file (default benchmarks/results/generate-DEVICE"
+                                              ".json; --quick: a temp file)")
+    p.add_argument("--quick", action="store_true", help="tiny models, 2 images: checks the path only")
     args = p.parse_args()
+    if args.quick:
+        args.images, args.batch_size, args.size, args.steps = 2, 2, 64, 2
     device = "cuda" if gpu else "cpu"
     dtype = torch.float16 if gpu else torch.float32
     if not gpu:
@@ -123,7 +141,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        pipe = build_pipeline(device, dtype, tmp)
+        pipe = build_pipeline(device, dtype, tmp, tiny=args.quick)
         build_s = time.perf_counter() - t0
         # one image per category: every prompt differs, as in a real run
         names = [NAMES[i % len(NAMES)] + (f"_{i}" if i >= len(NAMES) else "") for i in range(args.images)]
@@ -162,7 +180,8 @@ def main() -> None:
         "benchmark": "generate",
         "device": device_name,
         "settings": {
-            "model": "SD 1.5 architectures (UNet 860M, VAE, CLIP ViT-L/14 text), random weights",
+            "model": "tiny UNet / VAE / text encoder (--quick)" if args.quick else
+                     "SD 1.5 architectures (UNet 860M, VAE, CLIP ViT-L/14 text), random weights",
             "tokenizer": "letter-level stand-in, prompts padded to 77 tokens",
             "scheduler": "DPMSolverMultistepScheduler", "steps": args.steps, "guidance": args.guidance,
             "size": args.size, "dtype": str(dtype).removeprefix("torch."), "images": args.images,
@@ -178,8 +197,9 @@ def main() -> None:
         "target": {"batched_over_naive": 2.0},
         "ratio": round(batched_ips / naive_ips, 3),
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"generate-{'gpu' if gpu else 'cpu'}.json")
+    path = args.out or (os.path.join(tempfile.gettempdir(), "generate-quick.json") if args.quick else
+                        os.path.join(RESULTS, f"generate-{'gpu' if gpu else 'cpu'}.json"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))

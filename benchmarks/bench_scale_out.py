@@ -1,6 +1,6 @@
 """Scale-out figures, one command:
 
-    python3 benchmarks/bench_scale_out.py [--images-per-category 150] [--batches 20]
+    python3 benchmarks/bench_scale_out.py [--images-per-category 150] [--batches 20] [--quick]
 
 1. generate (procedural, 256 px, 8 categories) and extract (plain-background, no CLIP) with
    the local executor, 1 vs 2 worker processes, same settings (fresh folders; two runs each,
@@ -8,7 +8,8 @@
 2. the loader (CPU, 640 LSJ, U{0..19} pastes, 2 workers) on the same background and instance
    shards from local disk vs from a local S3-compatible server (moto, 127.0.0.1), the bank
    re-rooted onto the bucket, through the block cache (remote.py).
-Writes benchmarks/results/scale-out-cpu.json.
+Writes benchmarks/results/scale-out-cpu.json. `--quick`: 4 images per category, one run each,
+2 batches of small demo data, in a temp folder; result in a temp file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import glob
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +61,7 @@ def stages(work: str, images_per_category: int, repeats: int = 2) -> dict:
     return {name: max(r, key=lambda f: f["images_per_s"]) for name, r in runs.items()}
 
 
-def loader_local_vs_s3(work: str, batches: int) -> dict:
+def loader_local_vs_s3(work: str, batches: int, demo: dict | None = None) -> dict:
     import boto3
     import fsspec
     from moto.server import ThreadedMotoServer
@@ -67,9 +69,9 @@ def loader_local_vs_s3(work: str, batches: int) -> dict:
     from xpaste_stream.bank import InstanceBank
     from xpaste_stream.loader import PasteConfig
     from xpaste_stream.loader.bench import measure_loader
-    from xpaste_stream.loader.cli import demo_data
+    from xpaste_stream.pipeline import make_demo_data
 
-    data = demo_data(os.path.join(work, "demo"))
+    data = make_demo_data(os.path.join(work, "demo"), progress=False, **(demo or {}))
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -101,16 +103,31 @@ def loader_local_vs_s3(work: str, batches: int) -> dict:
 
 
 def main() -> int:
-    import json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images-per-category", type=int, default=150)
     ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench-scale-out"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scale-out-cpu.json"))
+    ap.add_argument("--workdir", default=None, help="default runs/bench-scale-out (--quick: a temp folder)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/scale-out-cpu.json "
+                                               "(--quick: a temp file)")
+    ap.add_argument("--quick", action="store_true", help="the whole path on tiny data; records nothing")
     args = ap.parse_args()
-    figures = {**stages(args.workdir, args.images_per_category),
-               **loader_local_vs_s3(args.workdir, args.batches)}
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-out-") as tmp:
+            args.workdir, args.images_per_category, args.batches = tmp, 4, 2
+            args.out = args.out or os.path.join(tempfile.gettempdir(), "scale-out-cpu-quick.json")
+            return measure(args, repeats=1, demo={"num_categories": 4, "instances_per_category": 5,
+                                                  "num_backgrounds": 8, "image_size": 128})
+    args.workdir = args.workdir or os.path.join(ROOT, "runs", "bench-scale-out")
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", "scale-out-cpu.json")
+    return measure(args)
+
+
+def measure(args, repeats: int = 2, demo: dict | None = None) -> int:
+    import json
+
+    figures = {**stages(args.workdir, args.images_per_category, repeats),
+               **loader_local_vs_s3(args.workdir, args.batches, demo)}
     ratios = {
         "generate_2_vs_1_workers": figures["generate_2_workers"]["images_per_s"]
         / figures["generate_1_workers"]["images_per_s"],

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py            # GPU: R50-FPN, batch 16, 1024 LSJ, AMP fp16
                                                 # CPU: the tiny Mask R-CNN, batch 4, 256 (a CPU figure)
+    python benchmarks/bench_train.py --quick    # 2 steps of batch 2 at 128 on small demo data, temp file
 
 Each step is timed in two parts (xpaste_stream/train/loop.py): waiting for the loader's batch
 (`next()`: compositing and targets included) and the model step (forward, backward, optimizer,
@@ -17,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xpaste_stream.loader import PasteConfig  # noqa: E402
 from xpaste_stream.loader.bench import device_name, measure_loader  # noqa: E402
-from xpaste_stream.loader.cli import demo_data  # noqa: E402
+from xpaste_stream.pipeline import make_demo_data  # noqa: E402
 from xpaste_stream.train import ModelConfig, TrainConfig, Trainer  # noqa: E402
 
 
@@ -55,7 +57,8 @@ def model_label(backbone: str) -> str:
 def main() -> int:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="./runs/bench-loader", help="demo data (built if missing)")
+    parser.add_argument("--workdir", default=None,
+                        help="demo data, built if missing (default ./runs/bench-loader; --quick: temp)")
     parser.add_argument("--backgrounds", help="background shards (default: make_demo_data's)")
     parser.add_argument("--bank")
     parser.add_argument("--backbone", default="resnet50" if gpu else "tiny")
@@ -65,11 +68,25 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10 if gpu else 3, help="steps before timing")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="loader threads")
     parser.add_argument("--workers", type=int, default=2, help="loader processes for host work")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                      "results"))
+    parser.add_argument("--out", default=None, help="result folder (default benchmarks/results; "
+                                                   "--quick: a temp folder)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, 2 steps of batch 2 at 128 px on small demo data: checks the path")
     args = parser.parse_args()
+    if args.quick:
+        args.backbone, args.size, args.batch_size, args.steps, args.warmup = "tiny", 128, 2, 2, 1
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+            args.workdir, args.out = tmp, args.out or os.path.join(tempfile.gettempdir(), "train-quick")
+            return measure(args, {"num_categories": 4, "instances_per_category": 5,
+                                  "num_backgrounds": 8, "image_size": 128}, loader_batches=2)
+    args.workdir = args.workdir or "./runs/bench-loader"
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    return measure(args)
 
-    data = demo_data(args.workdir)
+
+def measure(args, demo: dict | None = None, loader_batches: int = 10) -> int:
+    gpu = torch.cuda.is_available()
+    data = make_demo_data(args.workdir, progress=False, **(demo or {}))
     backgrounds, bank = args.backgrounds or data["backgrounds"], args.bank or data["bank"]
     categories = None if args.backgrounds else data["categories"]
     paste = PasteConfig(output_size=args.size)  # the recipe: U{0..19} pastes
@@ -80,7 +97,7 @@ def main() -> int:
                       warmup_steps=args.warmup, loader_threads=args.threads,
                       loader_workers=args.workers, log_every=10_000)
     training = measure_training(cfg, args.warmup)
-    loader_only = measure_loader(cfg.backgrounds, bank, paste, args.batch_size, batches=10,
+    loader_only = measure_loader(cfg.backgrounds, bank, paste, args.batch_size, batches=loader_batches,
                                  device_id=0 if gpu else None, num_threads=args.threads,
                                  workers=args.workers)
     device = device_name(0 if gpu else None)
