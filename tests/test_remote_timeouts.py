@@ -105,3 +105,45 @@ def test_shard_stream_from_a_silent_store_is_a_named_damaged_input(stoppable_s3,
     value, took = bounded(lambda: sum(1 for _ in samples), 60)
     assert value != "hung" and took < 40, (value, took)
     assert damage and damage[0].shard == url
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_mid_epoch_on_a_silent_store_ends_within_the_bound(stoppable_s3, tmp_path, workers,
+                                                                  monkeypatch):
+    """Backgrounds on the store, which stops answering after the first batch: the loader ends
+    (a clear error naming the store's shards) within the bound instead of waiting forever."""
+    from test_loader_fixtures import default_backgrounds, write_backgrounds, write_bank, write_categories
+
+    from xpaste_stream.loader import CopyPasteLoader, PasteConfig
+
+    fs, server = stoppable_s3
+    bg = tmp_path / "bg"
+    bg.mkdir()
+    local = write_backgrounds(str(bg), default_backgrounds(24), per_shard=6)
+    write_categories(str(bg), {1: (0.2, 0.05), 2: (0.3, 0.1), 3: None})
+    for path in sorted(bg.iterdir()):
+        fs.put(str(path), f"shards/bg/{path.name}")
+    bank = write_bank(str(tmp_path))
+    urls = [f"s3://shards/bg/{os.path.basename(u)}" for u in local]
+    monkeypatch.setenv("XPASTE_REMOTE_BLOCK_BYTES", "4096")     # every sample is read from the
+    monkeypatch.setenv("XPASTE_REMOTE_CACHE_BYTES", "16384")    # store, not from the cache
+    loader = CopyPasteLoader(urls, bank, PasteConfig(output_size=64, max_pastes=2), batch_size=2,
+                             workers=workers, batch_timeout=60.0, prefetch=1, worker_prefetch=1)
+    it = iter(loader)
+    next(it)
+    os.kill(server.pid, signal.SIGSTOP)
+
+    def rest():
+        return sum(len(b.targets) for b in it)
+
+    value, took = bounded(rest, 150)
+    stats = loader.stats()
+    loader.close()
+    assert value != "hung" and took < 120, (value, took)
+    # either the run ended in an error naming the store's shards, or it finished with the
+    # unreadable backgrounds skipped, counted and named
+    if isinstance(value, Exception):
+        assert "s3://shards/bg/" in str(value) or "damaged" in str(value), value
+    else:
+        assert stats["backgrounds_corrupt"] > 0
+        assert all(s[0].startswith("s3://shards/bg/") for s in stats["skipped"])
