@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -181,6 +182,8 @@ def main() -> int:
 
     from xpaste_stream.loader.bench import device_name
 
+    for part in ("demo", "scenes", "bg"):   # each run writes its data afresh (manifests refuse
+        shutil.rmtree(os.path.join(args.workdir, part), ignore_errors=True)   # other versions')
     bank = run(DATA, args.workdir, args.images)
     urls = os.path.join(args.workdir, "bg", "bg-*.tar")
     previous = None if args.no_previous else previous_checkout(os.path.join(args.workdir, "previous-src"))

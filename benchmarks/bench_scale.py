@@ -323,18 +323,19 @@ def feed_run(spec: dict, paste) -> dict:
     from nvidia.dali import fn, pipeline_def
 
     from xpaste_stream.loader import CopyPasteLoader
+    from xpaste_stream.loader.wire import WIRE
 
     batch_size, batches, workers = spec["batch_size"], spec["feed_batches"], spec["workers"]
     started = time.perf_counter()
     loader = CopyPasteLoader(spec["backgrounds"], spec["bank"], paste, batch_size=batch_size,
                              workers=workers, categories=spec["categories"],
                              background_sampling="repeat_factor")
-    source = loader.source.with_device_alpha(True)
+    source = loader.source            # the host work of GPU and CPU mode alike
     source.set_run(0, 0, batch_size, 0, 1, batch_size * (batches + 1))
 
     @pipeline_def
     def feed():
-        outs = fn.external_source(source=source, num_outputs=len(source.names), batch=False,
+        outs = fn.external_source(source=source, num_outputs=len(WIRE), batch=False,
                                   parallel=True, prefetch_queue_depth=loader.config.worker_prefetch)
         return tuple(outs)
 

@@ -381,8 +381,15 @@ def _ground_truth(cfg: EvalConfig) -> tuple[dict, Iterator[EvalImage], str]:
     os.makedirs(cfg.output, exist_ok=True)
     gt_path = os.path.join(cfg.output, "gt.json")
     with open(gt_path, "w") as f:
-        json.dump(doc, f)
+        json.dump(doc, f, default=_plain)   # pack.load_dataset holds polygons as arrays
     return doc, images, gt_path
+
+
+def _plain(value):
+    """json.dump's fallback for numpy values (polygons loaded as float64 arrays)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _load_ground_truth(path: str, lvis: bool):
