@@ -147,3 +147,35 @@ def test_loader_mid_epoch_on_a_silent_store_ends_within_the_bound(stoppable_s3, 
     else:
         assert stats["backgrounds_corrupt"] > 0
         assert all(s[0].startswith("s3://shards/bg/") for s in stats["skipped"])
+
+
+def test_extract_mid_run_on_a_silent_store_ends_within_the_bound(stoppable_s3, tmp_path):
+    """Image shards on the store, which stops answering once the first output shard is done:
+    extract ends within the bound, the unreadable inputs named as damaged (nothing hangs)."""
+    import glob
+
+    from xpaste_stream.extract.stage import ExtractConfig, run_extract
+    from xpaste_stream.generate.stage import GenerateConfig, run_generate
+
+    fs, server = stoppable_s3
+    run_generate(GenerateConfig(output=str(tmp_path / "gen" / "gen-{shard:04d}.tar"), num_categories=3,
+                                images_per_category=4, image_size=64, maxcount=4), progress=False)
+    for path in sorted(glob.glob(str(tmp_path / "gen" / "gen-*"))):
+        fs.put(path, f"shards/gen/{os.path.basename(path)}")
+    out = tmp_path / "inst"
+    cfg = ExtractConfig(inputs=["s3://shards/gen/gen-*.tar"], output=str(out / "inst-{shard:04d}.tar"),
+                        maxcount=4)
+
+    def stop_after_first_shard():
+        deadline = time.time() + 60
+        while time.time() < deadline and not glob.glob(str(out / "inst-*.stats.json")):
+            time.sleep(0.05)
+        os.kill(server.pid, signal.SIGSTOP)
+
+    threading.Thread(target=stop_after_first_shard, daemon=True).start()
+    value, took = bounded(lambda: run_extract(cfg, progress=False), 240)
+    assert value != "hung" and took < 120, (value, took)
+    done = glob.glob(str(out / "inst-*.stats.json"))
+    assert 1 <= len(done) < 3, value                # it stopped mid-run, not before or after
+    text = str(value)
+    assert "s3://shards/gen/" in text, text         # the unreadable inputs are named
