@@ -37,22 +37,8 @@ sys.path.insert(0, ROOT)
 PREVIOUS_COMMIT = "94e2bdc"          # loader v2: the per-slot DALI compositing graph
 XPASTE_IMAGES_PER_CPU_S = {640: 3.21, 1024: 0.85}  # X-Paste's CopyPasteMapper, issue 15
 
-DATA = textwrap.dedent("""
-    import os, subprocess, sys
-    from xpaste_stream.generate.procedural import SceneSpec, category_names, write_scene_dataset
-    from xpaste_stream.pipeline import make_demo_data
-    work, images = sys.argv[1], int(sys.argv[2])
-    bank = make_demo_data(os.path.join(work, "demo"), progress=False)
-    ann = write_scene_dataset(os.path.join(work, "scenes"), category_names(20),
-                              SceneSpec(num_images=images, image_size=(480, 640), max_objects=24,
-                                        seed=7))
-    out = os.path.join(work, "bg", "bg-{shard:06d}.tar")
-    if not os.path.exists(os.path.join(work, "bg")):
-        subprocess.run([sys.executable, "-m", "xpaste_stream.cli", "pack-coco", ann,
-                        os.path.join(work, "scenes", "images"), "-o", out, "--maxcount", "64"],
-                       check=True, capture_output=True)
-    print(bank["bank"])
-""")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_feed import DATA  # noqa: E402  (the same LVIS-density data, made by one script)
 
 # run with either version's code on PYTHONPATH: its own CopyPasteLoader and measure_loader
 MEASURE = textwrap.dedent("""
