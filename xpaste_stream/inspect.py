@@ -33,6 +33,7 @@ from .shards import (
     dali_index_path,
     index_keys,
     iter_tar,
+    read_dali_index,
     read_stats,
     sample_key,
     stale_index,
@@ -298,15 +299,8 @@ def _check_sidecars(url: str, read: int, damaged: bool, report: ShardReport) -> 
 
 def _stale_index(url: str) -> str | None:
     """Why the DALI index beside `url` is not this shard's (None when it is, or there is none)."""
-    path = dali_index_path(url)
-    try:
-        if not urls.exists(path):
-            return None
-        with urls.open_url(path, "rb") as f:
-            text = f.read().decode()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return stale_index(url, text) if text.startswith("v1.") else None
+    text = read_dali_index(url)
+    return stale_index(url, text) if text and text.startswith("v1.") else None
 
 
 def _judge_schemas(report: ShardReport, expected: str | None) -> None:
@@ -428,24 +422,11 @@ def plot_path(bank: str) -> str:
 
 def plot_bank_histogram(bank: str) -> str | None:
     """The instances-per-category histogram as PNG beside the bank; None for an empty bank."""
-    from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves global state alone
-
     from .bank import InstanceBank
+    from .bank.describe import plot_histogram
 
     counts = InstanceBank.open(bank).category_counts()
-    if not len(counts):
-        return None
-    out = plot_path(bank)
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    ax.hist(counts, bins=2.0 ** np.arange(0, np.floor(np.log2(counts.max())) + 2))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("instances per category")
-    ax.set_ylabel("categories")
-    ax.set_title(f"{len(counts)} categories, {int(counts.sum()):,} instances")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    return out
+    return plot_histogram(counts, plot_path(bank)) if len(counts) else None
 
 
 def inspect_categories(path: str) -> dict:

@@ -605,16 +605,24 @@ def lost_samples(url: str, read: int, cut_key: str | None) -> tuple[list[str], i
     return ([cut_key] if cut_key else []), lost
 
 
-def index_keys(url: str) -> list[str] | None:
-    """Sample keys in the order the shard's DALI index lists them; None without an index, or
-    with one that is not this shard's (`stale_index`)."""
+def read_dali_index(url: str) -> str | None:
+    """The text of the DALI index beside shard `url`; None when there is none or it is not
+    readable text."""
     path = dali_index_path(url)
     try:
         if not urls.exists(path):
             return None
         with urls.open_url(path, "rb") as f:
-            text = f.read().decode()
+            return f.read().decode()
     except (OSError, UnicodeDecodeError):
+        return None
+
+
+def index_keys(url: str) -> list[str] | None:
+    """Sample keys in the order the shard's DALI index lists them; None without an index, or
+    with one that is not this shard's (`stale_index`)."""
+    text = read_dali_index(url)
+    if text is None:
         return None
     lines = text.splitlines()
     if not lines or not lines[0].startswith("v1.") or stale_index(url, text) is not None:

@@ -38,7 +38,8 @@ def describe_bank(path: str, category_meta: str | dict | None = None, plot: bool
     lines += ["", "instances per category (categories per bucket):"]
     lines += _text_histogram(counts)
     if plot and len(counts):
-        lines += ["", f"histogram written to {_plot_histogram(counts, bank.path)}"]
+        out = plot_histogram(counts, os.path.join(bank.path, HISTOGRAM_PNG))
+        lines += ["", f"histogram written to {out}"]
     return "\n".join(lines)
 
 
@@ -76,10 +77,10 @@ def _text_histogram(counts: np.ndarray) -> list[str]:
     return lines
 
 
-def _plot_histogram(counts: np.ndarray, bank_path: str) -> str:
+def plot_histogram(counts: np.ndarray, out: str) -> str:
+    """The instances-per-category histogram (log2 buckets) as a PNG at `out`."""
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, leaves global state alone
 
-    out = os.path.join(bank_path, HISTOGRAM_PNG)
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     edges = 2.0 ** np.arange(0, np.floor(np.log2(counts.max())) + 2)
