@@ -358,8 +358,7 @@ def background_sample(key: str, image_bytes: bytes, image_ext: str, *, image_id:
     if image_ext not in BACKGROUND_IMAGE_EXTS:
         raise FormatError(f"{file_name}: background image extension {image_ext!r} not in "
                           f"{BACKGROUND_IMAGE_EXTS}")
-    masks = decode_masks([{"segmentation": a.rle} for a in annotations], int(height), int(width))
-    boxes, crops = mask_crops(masks)
+    boxes, crops = rle_crops([a.rle for a in annotations], file_name)
     meta = {"schema": BACKGROUND_SCHEMA, "image_id": int(image_id), "file_name": file_name,
             "width": int(width), "height": int(height), "num_annotations": len(annotations),
             "category_ids": sorted({a.category_id for a in annotations}),
@@ -374,23 +373,26 @@ def background_sample(key: str, image_bytes: bytes, image_ext: str, *, image_id:
             "masks.zst": zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(crops)}
 
 
-def mask_crops(masks: np.ndarray) -> tuple[list[list[int]], bytes]:
-    """(N, H, W) 0/1 masks -> each mask's tight box [y0, x0, h, w] ([0, 0, 0, 0] when empty)
-    and the crops as packed bits, one after the other, each padded to whole bytes."""
+def rle_crops(rles: list[dict], where: str) -> tuple[list[list[int]], bytes]:
+    """COCO RLEs -> each mask's tight box [y0, x0, h, w] ([0, 0, 0, 0] when empty) and the
+    box crops as packed bits, one after the other, each padded to whole bytes; read from the
+    runs (rle.box_crop), never decoded at full resolution."""
+    from .rle import box_crop
+
     boxes, parts = [], []
-    for m in masks:
-        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-        if len(rows) == 0:
-            boxes.append([0, 0, 0, 0])
-            continue
-        y0, x0, y1, x1 = int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
-        boxes.append([y0, x0, y1 - y0, x1 - x0])
-        parts.append(np.packbits(m[y0:y1, x0:x1].astype(bool)).tobytes())
+    for i, r in enumerate(rles):
+        try:
+            box, crop = box_crop(r)
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"{where}: annotation {i}: bad RLE mask: {e}") from None
+        boxes.append(box)
+        if box[2]:
+            parts.append(np.packbits(crop).tobytes())
     return boxes, b"".join(parts)
 
 
 def unpack_mask_crops(boxes: np.ndarray, packed: bytes) -> np.ndarray:
-    """The crops of `mask_crops` as one flat uint8 0/1 array (crop after crop, row-major,
+    """The crops of `rle_crops` as one flat uint8 0/1 array (crop after crop, row-major,
     no padding); raises FormatError when the bytes do not match the boxes."""
     bits = np.frombuffer(packed, np.uint8)
     areas = boxes[:, 2].astype(np.int64) * boxes[:, 3]
