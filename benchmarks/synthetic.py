@@ -62,16 +62,23 @@ def write_instance_shard(task: tuple[str, int, np.ndarray]) -> str:
     """Write one shard: instance `first + i` has key b{first+i:09d} and category categories[i]."""
     path, first, categories = task
     templates = instance_templates()
-    parts = []
+    parts, lines, at = [], [], 0
     for i, c in enumerate(categories.tolist(), start=first):
         key = b"b%09d" % i
         payloads, meta = templates[i % len(templates)]
         meta = {**meta, "category_id": c, "category": f"cat{c}", "source_key": key.decode()}
-        for component, data in payloads.items():
-            parts.append(ustar_member(key + b"." + component.encode(), data))
-        parts.append(ustar_member(key + b".json", formats.json_bytes(meta)))
+        entries = []
+        for component, data in [*payloads.items(), ("json", formats.json_bytes(meta))]:
+            name = key + b"." + component.encode()
+            parts.append(ustar_member(name, data))
+            entries.append(f"{component} {at + TAR_BLOCK} {len(data)} {name.decode()}")
+            at += len(parts[-1])
+        lines.append(" ".join(entries))
     parts.append(bytes(2 * TAR_BLOCK))  # end-of-archive marker
-    tmp = path + ".tmp"
+    tmp = path + ".tmp"        # the DALI index beside it, as the project's writer makes one
+    with open(tmp, "w") as f:
+        f.write(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+    os.replace(tmp, shards.dali_index_path(path))
     with open(tmp, "wb") as f:
         f.write(b"".join(parts))
     os.replace(tmp, path)
@@ -97,6 +104,8 @@ def write_instance_shards(folder: str, categories: np.ndarray, per_shard: int, w
 def check_instance_shard(path: str, categories: np.ndarray) -> None:
     """The synthetic shard reads back as valid instance samples through the project's reader."""
     samples = list(shards.iter_tar(path))
+    if list(shards.iter_indexed(path) or []) != samples:
+        raise AssertionError(f"{path}: its DALI index does not read back the samples of the tar")
     if len(samples) != len(categories):
         raise AssertionError(f"{path}: {len(samples)} samples read back, {len(categories)} written")
     for sample, c in zip(samples, categories, strict=True):

@@ -149,6 +149,26 @@ def test_iter_tar_reports_a_truncated_shard(tmp_path):
         list(iter_tar(str(path)))
 
 
+def test_indexed_read_gives_the_tar_samples_and_steps_aside_when_unsafe(tmp_path):
+    write_all(str(tmp_path / "x-{shard:02d}.tar"), 9, maxcount=5)
+    first, second = (str(tmp_path / f"x-0{k}.tar") for k in (0, 1))
+    assert list(shards.iter_indexed(first)) == list(iter_tar(first))
+    with open(shards.dali_index_path(second)) as f:
+        other = f.read()
+    with open(shards.dali_index_path(first), "w") as f:
+        f.write(other)                                    # another shard's index: stale
+    assert shards.iter_indexed(first) is None
+    os.remove(shards.dali_index_path(first))
+    assert shards.iter_indexed(first) is None             # no index
+    last_data = int(other.splitlines()[-1].split()[-3])
+    with open(second, "r+b") as f:
+        f.truncate(last_data + 10)                        # cut short: iter_tar names the damage
+    assert shards.iter_indexed(second) is None
+    damage: list = []
+    list(iter_tar(second, damage))
+    assert len(damage) == 1 and damage[0].reason == "truncated_shard"
+
+
 def test_writer_output_is_plain_tar(tmp_path):
     write_all(str(tmp_path / "p-{shard:02d}.tar"), 3)
     with tarfile.open(tmp_path / "p-00.tar") as tar:

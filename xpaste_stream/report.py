@@ -29,7 +29,7 @@ from PIL import Image
 from . import formats, urls
 from .config import ConfigError, from_dict
 from .extract.rejects import read_rejects
-from .shards import iter_tar, read_stats, resolve_inputs
+from .shards import iter_indexed, iter_tar, read_stats, resolve_inputs
 
 BANK_SCHEMA = "xpaste.bank/1"
 NAMED_REJECTS = 200  # rejected samples named per category in summary.json
@@ -254,7 +254,7 @@ def _read_instances(src: _Sources, tally: _Tally, kept_grid: _Grid, rejected_gri
     for index, shard in enumerate(src.shards):
         blocks = _jpg_blocks(shard) if src.dropped else {}
         damage: list = []
-        for sample in iter_tar(shard, damage):
+        for sample in iter_indexed(shard) or iter_tar(shard, damage):
             key = sample["__key__"]
             try:
                 meta = formats.read_instance_meta(sample)

@@ -576,6 +576,43 @@ def iter_tar(url: str, damage: list[TarDamage] | None = None,
         yield current
 
 
+def iter_indexed(url: str, max_bytes: int = 1 << 30) -> Iterator[dict] | None:
+    """Samples of one shard read through its DALI index: one read of the file, each member
+    sliced at its indexed offset, no tar headers parsed (the report's read of a 20k-instance
+    bank: ~0.23 ms CPU per instance through tarfile, the most of it parsing headers). None when
+    that is not safe, and the caller reads with `iter_tar` (which names any damage): no index,
+    a stale one, a file cut short, or a file over `max_bytes`."""
+    text = read_dali_index(url)
+    if text is None or not text.startswith("v1.") or stale_index(url, text) is not None:
+        return None
+    try:
+        lines = [line.split() for line in text.splitlines()[1:] if line.strip()]
+        entries = [[(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f) - 3, 4)]
+                   for f in lines]
+    except ValueError:
+        return None
+    with urls.open_url(url, "rb") as f:
+        if f.seek(0, io.SEEK_END) > max_bytes:
+            return None
+        f.seek(0)
+        data = f.read()
+    ends = [offset + _padded(size) for sample in entries for _, offset, size, _ in sample]
+    end = max(ends, default=0)
+    if end > len(data) or len(data) < end + 512 or any(data[end:end + 512]):
+        return None                    # cut short (no end-of-archive block where members end)
+
+    def samples() -> Iterator[dict]:
+        for sample in entries:
+            if not sample:
+                continue
+            out = {"__key__": sample[0][3].rsplit("/", 1)[-1].partition(".")[0], "__url__": url}
+            for ext, offset, size, _ in sample:
+                out[ext] = data[offset:offset + size]
+            yield out
+
+    return samples()
+
+
 def _transient() -> tuple[type[BaseException], ...]:
     """An object store's network errors (botocore's are not all OSError): a shard whose read
     fails with one is a damaged input, named, not a crash."""
