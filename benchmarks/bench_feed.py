@@ -29,6 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runs from a checkout without installing
 V1_COMMIT = "a48d8b8"  # the last commit with the single-producer loader
+# --quick: the demo data (bank and its shards) at its smallest; bench_loader.py --quick too
+QUICK_DEMO = {"num_categories": 4, "instances_per_category": 5, "num_backgrounds": 8, "image_size": 128}
 
 DATA = textwrap.dedent("""
     import json, os, subprocess, sys
@@ -120,8 +122,7 @@ def measure(args) -> int:
     v1_work, v2_work = os.path.join(args.workdir, "v1"), os.path.join(args.workdir, "v2")
     for work in (v1_work, v2_work):  # each version writes its own data, afresh
         shutil.rmtree(work, ignore_errors=True)
-    demo = {"num_categories": 4, "instances_per_category": 5, "num_backgrounds": 8,
-            "image_size": 128} if args.quick else {}
+    demo = QUICK_DEMO if args.quick else {}
     bank = run(DATA, v2_work, args.images, *([json.dumps(demo)] if demo else []))
     urls = os.path.join(v2_work, "bg", "bg-*.tar")
     paste = PasteConfig(output_size=args.size)

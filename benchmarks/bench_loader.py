@@ -38,7 +38,7 @@ PREVIOUS_COMMIT = "94e2bdc"          # loader v2: the per-slot DALI compositing 
 XPASTE_IMAGES_PER_CPU_S = {640: 3.21, 1024: 0.85}  # X-Paste's CopyPasteMapper, issue 15
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_feed import DATA  # noqa: E402  (the same LVIS-density data, made by one script)
+from bench_feed import DATA, QUICK_DEMO  # noqa: E402  (the same LVIS-density data, one script)
 
 # run with either version's code on PYTHONPATH: its own CopyPasteLoader and measure_loader
 MEASURE = textwrap.dedent("""
@@ -170,7 +170,7 @@ def main() -> int:
 
     for part in ("demo", "scenes", "bg"):   # each run writes its data afresh (manifests refuse
         shutil.rmtree(os.path.join(args.workdir, part), ignore_errors=True)   # other versions')
-    bank = run(DATA, args.workdir, args.images)
+    bank = run(DATA, args.workdir, args.images, *([json.dumps(QUICK_DEMO)] if args.quick else []))
     urls = os.path.join(args.workdir, "bg", "bg-*.tar")
     previous = None if args.no_previous else previous_checkout(os.path.join(args.workdir, "previous-src"))
     devices = ["cpu"] + (["0"] if torch.cuda.is_available() else [])
