@@ -11,12 +11,14 @@ and run in a subprocess with its own code. Figures:
   (`planned_batches`: DALI reader, full-resolution RLE decode, plan, instance bytes);
 - loader: the whole loader on the CPU (compositing included), images/s and per CPU-second.
 Writes benchmarks/results/loader-feed-cpu.json. `--quick`: v2's whole path on 16 images and
-2 batches in a temp folder, v1 left out (its checkout and data take minutes), a temp result file.
+2 batches at 128 px in a temp folder, v1 left out (its checkout and data take minutes), a temp result file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -80,6 +82,21 @@ def run(code: str, *args, pythonpath: str | None = None) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def run_here(code: str, *args, cwd: str = ROOT) -> str:
+    """`run` in this process (--quick, this checkout's code): the same script and arguments, its
+    last printed line returned, without a Python and torch start-up per step."""
+    out, argv, where = io.StringIO(), sys.argv, os.getcwd()
+    sys.argv = ["-c", *map(str, args)]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "<benchmark step>", "exec"), {"__name__": "__main__"})
+    finally:
+        sys.argv = argv
+        os.chdir(where)
+    return out.getvalue().strip().splitlines()[-1]
+
+
 def v1_checkout(path: str) -> str:
     if not os.path.exists(path):
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, V1_COMMIT],
@@ -102,10 +119,11 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default benchmarks/results/loader-feed-cpu.json "
                                                "(--quick: a temp file)")
     ap.add_argument("--quick", action="store_true",
-                    help="v2 only, 16 images, 2 batches, temp folder: checks the path, records nothing")
+                    help="v2 only, 16 images, 2 batches at 128 px, temp folder: checks the path, "
+                         "records nothing")
     args = ap.parse_args()
     if args.quick:
-        args.images, args.batches = 16, 2
+        args.images, args.batches, args.size = 16, 2, 128
         with tempfile.TemporaryDirectory(prefix="bench-feed-") as tmp:
             args.workdir = tmp
             args.out = args.out or os.path.join(tempfile.gettempdir(), "loader-feed-cpu-quick.json")
@@ -123,7 +141,8 @@ def measure(args) -> int:
     for work in (v1_work, v2_work):  # each version writes its own data, afresh
         shutil.rmtree(work, ignore_errors=True)
     demo = QUICK_DEMO if args.quick else {}
-    bank = run(DATA, v2_work, args.images, *([json.dumps(demo)] if demo else []))
+    bank = (run_here if args.quick else run)(DATA, v2_work, args.images,
+                                              *([json.dumps(demo)] if demo else []))
     urls = os.path.join(v2_work, "bg", "bg-*.tar")
     paste = PasteConfig(output_size=args.size)
     v1 = None if args.quick else measure_v1(args, v1_work)
