@@ -10,8 +10,9 @@ and run in a subprocess with its own code. Figures:
   in 1 and 2 DALI worker processes (bench.measure_feed); v1: its single producer thread
   (`planned_batches`: DALI reader, full-resolution RLE decode, plan, instance bytes);
 - loader: the whole loader on the CPU (compositing included), images/s and per CPU-second.
-Writes benchmarks/results/loader-feed-cpu.json. `--quick`: v2's whole path on 16 images and
-2 batches at 128 px in a temp folder, v1 left out (its checkout and data take minutes), a temp result file.
+Writes benchmarks/results/loader-feed-cpu.json. `--quick`: v2's whole path on 16 images,
+2 batches of 4 (feed) and 2 (loader) at 128 px in a temp folder, v1 left out (its checkout and data
+take minutes), a temp result file.
 """
 
 from __future__ import annotations
@@ -146,8 +147,10 @@ def measure(args) -> int:
     urls = os.path.join(v2_work, "bg", "bg-*.tar")
     paste = PasteConfig(output_size=args.size)
     v1 = None if args.quick else measure_v1(args, v1_work)
-    feed = {f"v2_{w}_workers": measure_feed(urls, bank, paste, 16, args.batches, w) for w in (1, 2)}
-    whole = measure_loader(urls, bank, paste, 8, args.batches // 2, None, 2, workers=2)
+    feed_batch, loader_batch = (4, 2) if args.quick else (16, 8)  # v1's (V1_MEASURE) in full runs
+    feed = {f"v2_{w}_workers": measure_feed(urls, bank, paste, feed_batch, args.batches, w)
+            for w in (1, 2)}
+    whole = measure_loader(urls, bank, paste, loader_batch, args.batches // 2, None, 2, workers=2)
     whole.pop("stats")
     f1, f2 = feed["v2_1_workers"], feed["v2_2_workers"]
     v1 = v1 or {"feed": f1, "loader": whole}  # --quick: no v1; ratios against v2 itself
@@ -156,7 +159,8 @@ def measure(args) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {"output_size": args.size, "pastes": "U{0..19}", "backgrounds": args.images,
                      "background_size": "640x480", "objects_per_image": "U{0..24}",
-                     "feed_batch_size": 16, "loader_batch_size": 8, "batches": args.batches,
+                     "feed_batch_size": feed_batch, "loader_batch_size": loader_batch,
+                     "batches": args.batches,
                      "v1_commit": V1_COMMIT},
         "feed": {"v1_single_producer": v1["feed"], **feed},
         "loader": {"v1": v1["loader"], "v2_2_workers": whole},

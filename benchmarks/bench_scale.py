@@ -588,7 +588,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loader-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
-        args.sizes, args.per_shard, args.pack_workers = [0.0002], 1000, [2]  # 20 images, 2,000 instances
+        # 20 images; 400 instances (4 shards of 100, then one more)
+        args.sizes, args.per_shard, args.pack_workers = [0.0002], 100, [2]
+        args.bank_instances = 2_000_000
     args.out = args.out or (os.path.join(tempfile.gettempdir(), "scale-cpu-quick.json") if args.quick
                             else os.path.join(RESULTS, "scale-cpu.json"))
     return args
