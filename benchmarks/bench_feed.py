@@ -10,7 +10,7 @@ and run in a subprocess with its own code. Figures:
   in 1 and 2 DALI worker processes (bench.measure_feed); v1: its single producer thread
   (`planned_batches`: DALI reader, full-resolution RLE decode, plan, instance bytes);
 - loader: the whole loader on the CPU (compositing included), images/s and per CPU-second.
-Writes benchmarks/results/loader-feed-cpu.json. `--quick`: v2's whole path on 16 images,
+Writes benchmarks/results/loader-feed-cpu.json. `--quick`: v2's whole path on 8 images,
 2 batches of 4 (feed) and 2 (loader) at 128 px in a temp folder, v1 left out (its checkout and data
 take minutes), a temp result file.
 """
@@ -36,7 +36,8 @@ V1_COMMIT = "a48d8b8"  # the last commit with the single-producer loader
 QUICK_DEMO = {"num_categories": 4, "instances_per_category": 5, "num_backgrounds": 8, "image_size": 128}
 
 DATA = textwrap.dedent("""
-    import json, os, subprocess, sys
+    import contextlib, io, json, os, sys
+    from xpaste_stream import cli
     from xpaste_stream.generate.procedural import SceneSpec, category_names, write_scene_dataset
     from xpaste_stream.pipeline import make_demo_data
     work = sys.argv[1]
@@ -46,10 +47,13 @@ DATA = textwrap.dedent("""
                               SceneSpec(num_images=int(sys.argv[2]), image_size=(480, 640),
                                         max_objects=24, seed=7))
     out = os.path.join(work, "bg", "bg-{shard:06d}.tar")
-    if not os.path.exists(os.path.join(work, "bg")):
-        subprocess.run([sys.executable, "-m", "xpaste_stream.cli", "pack-coco", ann,
-                        os.path.join(work, "scenes", "images"), "-o", out, "--maxcount", "64"],
-                       check=True, capture_output=True)
+    if not os.path.exists(os.path.join(work, "bg")):  # the command, without a process of its own
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            code = cli.main(["pack-coco", ann, os.path.join(work, "scenes", "images"), "-o", out,
+                             "--maxcount", "64"])
+        if code:
+            raise SystemExit(f"pack-coco failed ({code}):\\n{said.getvalue()[-3000:]}")
     print(bank["bank"])
 """)
 
@@ -120,11 +124,11 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default benchmarks/results/loader-feed-cpu.json "
                                                "(--quick: a temp file)")
     ap.add_argument("--quick", action="store_true",
-                    help="v2 only, 16 images, 2 batches at 128 px, temp folder: checks the path, "
+                    help="v2 only, 8 images, 2 small batches at 128 px, temp folder: checks the path, "
                          "records nothing")
     args = ap.parse_args()
     if args.quick:
-        args.images, args.batches, args.size = 16, 2, 128
+        args.images, args.batches, args.size = 8, 2, 128
         with tempfile.TemporaryDirectory(prefix="bench-feed-") as tmp:
             args.workdir = tmp
             args.out = args.out or os.path.join(tempfile.gettempdir(), "loader-feed-cpu-quick.json")

@@ -478,7 +478,7 @@ def run_size(fraction: float, args, record) -> None:
 def feed_batches(fraction: float, args) -> int:
     if args.feed_batches:
         return args.feed_batches
-    return max(50, round(20_000 * fraction)) if not args.quick else 10
+    return max(50, round(20_000 * fraction)) if not args.quick else 4
 
 
 # -- results -----------------------------------------------------------------------------------
