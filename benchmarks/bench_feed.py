@@ -128,6 +128,9 @@ def main() -> int:
                          "records nothing")
     args = ap.parse_args()
     if args.quick:
+        from quickmode import one_thread
+
+        one_thread()
         args.images, args.batches, args.size = 8, 2, 128
         with tempfile.TemporaryDirectory(prefix="bench-feed-") as tmp:
             args.workdir = tmp

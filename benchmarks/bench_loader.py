@@ -174,6 +174,9 @@ def main() -> int:
     ap.add_argument("--out", help="result file (default benchmarks/results/loader-DEVICE.json)")
     args = ap.parse_args()
     if args.quick:   # the whole path on tiny data; the previous loader only in full runs
+        from quickmode import one_thread
+
+        one_thread()
         args.sizes, args.images, args.batch_size, args.batches, args.rounds = [128], 8, 2, 2, 1
         args.no_previous, args.workdir = True, args.workdir + "-quick"
 

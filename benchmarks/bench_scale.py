@@ -588,6 +588,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loader-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
+        from quickmode import one_thread
+
+        one_thread()
         # 20 images; 400 instances (4 shards of 100, then one more)
         args.sizes, args.per_shard, args.pack_workers = [0.0002], 100, [2]
         args.bank_instances = 2_000_000

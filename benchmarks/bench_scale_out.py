@@ -115,6 +115,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the whole path on tiny data; records nothing")
     args = ap.parse_args()
     if args.quick:
+        from quickmode import one_thread
+
+        one_thread()
         with tempfile.TemporaryDirectory(prefix="bench-scale-out-") as tmp:
             args.workdir, args.images_per_category, args.batches = tmp, 4, 2
             args.size, args.batch_size = 128, 2
