@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
                    help="the whole path on 20k instances in seconds; never writes the recorded figures")
     args = p.parse_args()
     if args.quick:
+        from quickmode import one_thread
+
+        one_thread()
         args.instances, args.reads, args.draw_seconds = 20_000, 2_000, 0.05
     args.out = args.out or (quick_result_path("bank-cpu") if args.quick else RESULT)
     return args

@@ -163,6 +163,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny models, 2 images: checks the path only")
     args = ap.parse_args()
     if args.quick:
+        from quickmode import one_thread
+
+        one_thread()
         args.images, args.batch_size, args.image_size, args.model = 2, 2, 64, TINY_CLIP
         with tempfile.TemporaryDirectory() as tmp:
             cfg_path = os.path.join(tmp, f"{TINY_CLIP}.json")

@@ -10,13 +10,16 @@ and run in a subprocess with its own code. Figures:
   in 1 and 2 DALI worker processes (bench.measure_feed); v1: its single producer thread
   (`planned_batches`: DALI reader, full-resolution RLE decode, plan, instance bytes);
 - loader: the whole loader on the CPU (compositing included), images/s and per CPU-second.
-Writes benchmarks/results/loader-feed-cpu.json. `--quick`: v2's whole path on 16 images and
-2 batches in a temp folder, v1 left out (its checkout and data take minutes), a temp result file.
+Writes benchmarks/results/loader-feed-cpu.json. `--quick`: v2's whole path on 8 images,
+2 batches of 4 (feed) and 2 (loader) at 128 px in a temp folder, v1 left out (its checkout and data
+take minutes), a temp result file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -29,9 +32,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runs from a checkout without installing
 V1_COMMIT = "a48d8b8"  # the last commit with the single-producer loader
+# --quick: the demo data (bank and its shards) at its smallest; bench_loader.py --quick too
+QUICK_DEMO = {"num_categories": 4, "instances_per_category": 5, "num_backgrounds": 8, "image_size": 128}
 
 DATA = textwrap.dedent("""
-    import json, os, subprocess, sys
+    import contextlib, io, json, os, sys
+    from xpaste_stream import cli
     from xpaste_stream.generate.procedural import SceneSpec, category_names, write_scene_dataset
     from xpaste_stream.pipeline import make_demo_data
     work = sys.argv[1]
@@ -41,10 +47,13 @@ DATA = textwrap.dedent("""
                               SceneSpec(num_images=int(sys.argv[2]), image_size=(480, 640),
                                         max_objects=24, seed=7))
     out = os.path.join(work, "bg", "bg-{shard:06d}.tar")
-    if not os.path.exists(os.path.join(work, "bg")):
-        subprocess.run([sys.executable, "-m", "xpaste_stream.cli", "pack-coco", ann,
-                        os.path.join(work, "scenes", "images"), "-o", out, "--maxcount", "64"],
-                       check=True, capture_output=True)
+    if not os.path.exists(os.path.join(work, "bg")):  # the command, without a process of its own
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            code = cli.main(["pack-coco", ann, os.path.join(work, "scenes", "images"), "-o", out,
+                             "--maxcount", "64"])
+        if code:
+            raise SystemExit(f"pack-coco failed ({code}):\\n{said.getvalue()[-3000:]}")
     print(bank["bank"])
 """)
 
@@ -78,6 +87,21 @@ def run(code: str, *args, pythonpath: str | None = None) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def run_here(code: str, *args, cwd: str = ROOT) -> str:
+    """`run` in this process (--quick, this checkout's code): the same script and arguments, its
+    last printed line returned, without a Python and torch start-up per step."""
+    out, argv, where = io.StringIO(), sys.argv, os.getcwd()
+    sys.argv = ["-c", *map(str, args)]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "<benchmark step>", "exec"), {"__name__": "__main__"})
+    finally:
+        sys.argv = argv
+        os.chdir(where)
+    return out.getvalue().strip().splitlines()[-1]
+
+
 def v1_checkout(path: str) -> str:
     if not os.path.exists(path):
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, V1_COMMIT],
@@ -100,10 +124,14 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default benchmarks/results/loader-feed-cpu.json "
                                                "(--quick: a temp file)")
     ap.add_argument("--quick", action="store_true",
-                    help="v2 only, 16 images, 2 batches, temp folder: checks the path, records nothing")
+                    help="v2 only, 8 images, 2 small batches at 128 px, temp folder: checks the path, "
+                         "records nothing")
     args = ap.parse_args()
     if args.quick:
-        args.images, args.batches = 16, 2
+        from quickmode import one_thread
+
+        one_thread()
+        args.images, args.batches, args.size = 8, 2, 128
         with tempfile.TemporaryDirectory(prefix="bench-feed-") as tmp:
             args.workdir = tmp
             args.out = args.out or os.path.join(tempfile.gettempdir(), "loader-feed-cpu-quick.json")
@@ -120,14 +148,16 @@ def measure(args) -> int:
     v1_work, v2_work = os.path.join(args.workdir, "v1"), os.path.join(args.workdir, "v2")
     for work in (v1_work, v2_work):  # each version writes its own data, afresh
         shutil.rmtree(work, ignore_errors=True)
-    demo = {"num_categories": 4, "instances_per_category": 5, "num_backgrounds": 8,
-            "image_size": 128} if args.quick else {}
-    bank = run(DATA, v2_work, args.images, *([json.dumps(demo)] if demo else []))
+    demo = QUICK_DEMO if args.quick else {}
+    bank = (run_here if args.quick else run)(DATA, v2_work, args.images,
+                                              *([json.dumps(demo)] if demo else []))
     urls = os.path.join(v2_work, "bg", "bg-*.tar")
     paste = PasteConfig(output_size=args.size)
     v1 = None if args.quick else measure_v1(args, v1_work)
-    feed = {f"v2_{w}_workers": measure_feed(urls, bank, paste, 16, args.batches, w) for w in (1, 2)}
-    whole = measure_loader(urls, bank, paste, 8, args.batches // 2, None, 2, workers=2)
+    feed_batch, loader_batch = (4, 2) if args.quick else (16, 8)  # v1's (V1_MEASURE) in full runs
+    feed = {f"v2_{w}_workers": measure_feed(urls, bank, paste, feed_batch, args.batches, w)
+            for w in (1, 2)}
+    whole = measure_loader(urls, bank, paste, loader_batch, args.batches // 2, None, 2, workers=2)
     whole.pop("stats")
     f1, f2 = feed["v2_1_workers"], feed["v2_2_workers"]
     v1 = v1 or {"feed": f1, "loader": whole}  # --quick: no v1; ratios against v2 itself
@@ -136,7 +166,8 @@ def measure(args) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {"output_size": args.size, "pastes": "U{0..19}", "backgrounds": args.images,
                      "background_size": "640x480", "objects_per_image": "U{0..24}",
-                     "feed_batch_size": 16, "loader_batch_size": 8, "batches": args.batches,
+                     "feed_batch_size": feed_batch, "loader_batch_size": loader_batch,
+                     "batches": args.batches,
                      "v1_commit": V1_COMMIT},
         "feed": {"v1_single_producer": v1["feed"], **feed},
         "loader": {"v1": v1["loader"], "v2_2_workers": whole},

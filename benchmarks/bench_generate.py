@@ -133,10 +133,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny models, 2 images: checks the path only")
     args = p.parse_args()
     if args.quick:
+        from quickmode import one_thread
+
+        one_thread()
         args.images, args.batch_size, args.size, args.steps = 2, 2, 64, 2
     device = "cuda" if gpu else "cpu"
     dtype = torch.float16 if gpu else torch.float32
-    if not gpu:
+    if not gpu and not args.quick:
         torch.set_num_threads(os.cpu_count() or 1)
 
     with tempfile.TemporaryDirectory() as tmp:

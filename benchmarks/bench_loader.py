@@ -38,7 +38,7 @@ PREVIOUS_COMMIT = "94e2bdc"          # loader v2: the per-slot DALI compositing 
 XPASTE_IMAGES_PER_CPU_S = {640: 3.21, 1024: 0.85}  # X-Paste's CopyPasteMapper, issue 15
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_feed import DATA  # noqa: E402  (the same LVIS-density data, made by one script)
+from bench_feed import DATA, QUICK_DEMO, run_here  # noqa: E402  (the same data, one script)
 
 # run with either version's code on PYTHONPATH: its own CopyPasteLoader and measure_loader
 MEASURE = textwrap.dedent("""
@@ -103,6 +103,19 @@ def run(code: str, *args, pythonpath: str = ROOT) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def run_new(code: str, *args, quick: bool) -> str:
+    """A step with this checkout's code: in a process of its own, or with --quick in this one."""
+    if not quick:
+        return run(code, *args)
+    from xpaste_stream.loader import loader as loader_module
+
+    paste_batch = loader_module.paste_batch  # COMPOSITOR replaces it with a timed one
+    try:
+        return run_here(code, *args)
+    finally:
+        loader_module.paste_batch = paste_batch
+
+
 def previous_checkout(path: str) -> str:
     """A git worktree of PREVIOUS_COMMIT (made once, reused)."""
     if not os.path.exists(os.path.join(path, "xpaste_stream")):
@@ -129,13 +142,13 @@ def measure_size(size: int, urls: str, bank: str, previous_root: str | None, arg
     for _ in range(args.rounds):
         if previous_root:
             old.append(json.loads(run(MEASURE, *common, pythonpath=previous_root)))
-        new.append(json.loads(run(MEASURE, *common)))
+        new.append(json.loads(run_new(MEASURE, *common, quick=args.quick)))
     row = {"loader": median_of(new)}
     if old:
         row["previous"] = median_of(old)
     device_id = None if device == "cpu" else int(device)
     row["ceiling"] = measure_decode_lsj(urls, size, batch, args.batches, device_id, os.cpu_count())
-    row["compositor"] = json.loads(run(COMPOSITOR, *common))
+    row["compositor"] = json.loads(run_new(COMPOSITOR, *common, quick=args.quick))
     loader = row["loader"]
     ratios = {"vs_ceiling": loader["images_per_s"] / row["ceiling"]["images_per_s"]}
     if old:
@@ -161,6 +174,9 @@ def main() -> int:
     ap.add_argument("--out", help="result file (default benchmarks/results/loader-DEVICE.json)")
     args = ap.parse_args()
     if args.quick:   # the whole path on tiny data; the previous loader only in full runs
+        from quickmode import one_thread
+
+        one_thread()
         args.sizes, args.images, args.batch_size, args.batches, args.rounds = [128], 8, 2, 2, 1
         args.no_previous, args.workdir = True, args.workdir + "-quick"
 
@@ -170,7 +186,8 @@ def main() -> int:
 
     for part in ("demo", "scenes", "bg"):   # each run writes its data afresh (manifests refuse
         shutil.rmtree(os.path.join(args.workdir, part), ignore_errors=True)   # other versions')
-    bank = run(DATA, args.workdir, args.images)
+    bank = run_new(DATA, args.workdir, args.images, *([json.dumps(QUICK_DEMO)] if args.quick else []),
+                   quick=args.quick)
     urls = os.path.join(args.workdir, "bg", "bg-*.tar")
     previous = None if args.no_previous else previous_checkout(os.path.join(args.workdir, "previous-src"))
     devices = ["cpu"] + (["0"] if torch.cuda.is_available() else [])

@@ -9,7 +9,7 @@
    shards from local disk vs from a local S3-compatible server (moto, 127.0.0.1), the bank
    re-rooted onto the bucket, through the block cache (remote.py).
 Writes benchmarks/results/scale-out-cpu.json. `--quick`: 4 images per category, one run each,
-2 batches of small demo data, in a temp folder; result in a temp file.
+2 batches of 2 at 128 px of small demo data, in a temp folder; result in a temp file.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def stages(work: str, images_per_category: int, repeats: int = 2) -> dict:
     return {name: max(r, key=lambda f: f["images_per_s"]) for name, r in runs.items()}
 
 
-def loader_local_vs_s3(work: str, batches: int, demo: dict | None = None) -> dict:
+def loader_local_vs_s3(work: str, batches: int, demo: dict | None = None, size: int = 640,
+                       batch_size: int = 8) -> dict:
     import boto3
     import fsspec
     from moto.server import ThreadedMotoServer
@@ -88,10 +89,11 @@ def loader_local_vs_s3(work: str, batches: int, demo: dict | None = None) -> dic
     for entry in bank.shards:
         fs.put(entry["path"], f"bench/inst/{os.path.basename(entry['path'])}")
     remote_bank = InstanceBank.open(data["bank"], shard_root="s3://bench/inst")
-    paste = PasteConfig(output_size=640)
+    paste = PasteConfig(output_size=size)
     try:
-        local = measure_loader(data["backgrounds"], data["bank"], paste, 8, batches, None, 2, workers=2)
-        s3 = measure_loader("s3://bench/bg/bg-*.tar", remote_bank, paste, 8, batches, None, 2,
+        local = measure_loader(data["backgrounds"], data["bank"], paste, batch_size, batches, None, 2,
+                               workers=2)
+        s3 = measure_loader("s3://bench/bg/bg-*.tar", remote_bank, paste, batch_size, batches, None, 2,
                             workers=2)
     finally:
         server.stop()
@@ -113,11 +115,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the whole path on tiny data; records nothing")
     args = ap.parse_args()
     if args.quick:
+        from quickmode import one_thread
+
+        one_thread()
         with tempfile.TemporaryDirectory(prefix="bench-scale-out-") as tmp:
             args.workdir, args.images_per_category, args.batches = tmp, 4, 2
+            args.size, args.batch_size = 128, 2
             args.out = args.out or os.path.join(tempfile.gettempdir(), "scale-out-cpu-quick.json")
             return measure(args, repeats=1, demo={"num_categories": 4, "instances_per_category": 5,
                                                   "num_backgrounds": 8, "image_size": 128})
+    args.size, args.batch_size = 640, 8
     args.workdir = args.workdir or os.path.join(ROOT, "runs", "bench-scale-out")
     args.out = args.out or os.path.join(ROOT, "benchmarks", "results", "scale-out-cpu.json")
     return measure(args)
@@ -127,7 +134,7 @@ def measure(args, repeats: int = 2, demo: dict | None = None) -> int:
     import json
 
     figures = {**stages(args.workdir, args.images_per_category, repeats),
-               **loader_local_vs_s3(args.workdir, args.batches, demo)}
+               **loader_local_vs_s3(args.workdir, args.batches, demo, args.size, args.batch_size)}
     ratios = {
         "generate_2_vs_1_workers": figures["generate_2_workers"]["images_per_s"]
         / figures["generate_1_workers"]["images_per_s"],
@@ -140,7 +147,9 @@ def measure(args, repeats: int = 2, demo: dict | None = None) -> int:
               "settings": {"generate": "procedural, 8 categories, 256 px, maxcount 100, local "
                                        "executor, best of 2",
                            "extract": "plain-background, no CLIP, maxcount 100, local executor, best of 2",
-                           "loader": "CPU, 640 LSJ, U{0..19} pastes, batch 8, 2 workers, demo data; "
+                           "loader": f"CPU, {args.size} LSJ, U{{0..19}} pastes, batch {args.batch_size}, "
+                                     "2 workers, "
+                                     "demo data; "
                                      "S3: moto ThreadedMotoServer on 127.0.0.1, default block cache "
                                      "(1 MiB blocks, 512 MiB), bank re-rooted onto the bucket",
                            "batches": args.batches},

@@ -74,6 +74,9 @@ def main() -> int:
                         help="tiny model, 2 steps of batch 2 at 128 px on small demo data: checks the path")
     args = parser.parse_args()
     if args.quick:
+        from quickmode import one_thread
+
+        one_thread()
         args.backbone, args.size, args.batch_size, args.steps, args.warmup = "tiny", 128, 2, 2, 1
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
             args.workdir, args.out = tmp, args.out or os.path.join(tempfile.gettempdir(), "train-quick")

@@ -17,9 +17,9 @@ import traceback
 
 from . import errors
 from .config import DEVICE_HELP, ConfigError, from_dict, parse_device
+from .errors import ModelLoadError
 from .executors import UnitsFailed
 from .formats import FormatError
-from .generate.text2image import ModelLoadError
 from .shards import resolve_inputs
 
 # Modules that each define `register(subparsers)`; a subcommand lives beside the code it runs.

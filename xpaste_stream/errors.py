@@ -33,6 +33,13 @@ EXIT_SIGNAL_BASE = 128  # stopped by a signal: 130 for Ctrl-C (SIGINT), 143 for 
 REJECTS_SUFFIX = "rejects.jsonl"
 
 
+class ModelLoadError(RuntimeError):
+    """The diffusers model could not be loaded (most often: not downloaded, and we are offline).
+
+    Raised by generate/text2image.py (which re-exports it); defined here so that the command
+    line can catch it without importing the generator."""
+
+
 @dataclass(frozen=True)
 class Reject:
     """Something a stage did not deliver: a sample, a part of one, or a whole input shard."""

@@ -477,8 +477,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, scorer: ClipScorer | 
     in_process = executor.executor == "local" and executor.workers == 1
     context = (make_segmenters(cfg), scorer if scorer is not None else make_scorer(cfg)) \
         if in_process and todo else None
-    gpus = 1.0 if wants_gpu(cfg.device) and any(s not in ("plain-background", "grabcut")
-                                                for s in cfg.segmenters) else 0.0
+    # (the classical segmenters first: asking about a GPU imports torch, seconds for nothing)
+    gpus = 1.0 if any(s not in ("plain-background", "grabcut") for s in cfg.segmenters) \
+        and wants_gpu(cfg.device) else 0.0
     run_units(ExtractJob(cfg, fingerprint, gpus), todo, executor, stage="extract", progress=progress,
               context=context, weights=[u.end - u.start for u in todo])
     writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=fingerprint)

@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import ModelLoadError
 from ..modelrefs import looks_like_path, resolve_device, resolve_dtype
 from .base import Failure, Generated, WorkItem
 from .procedural import seed_for
@@ -52,10 +53,6 @@ class DiffusersConfig:
             raise ValueError("diffusers.batch_size must be >= 1")
         if not self.device:
             raise ValueError("diffusers.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-
-
-class ModelLoadError(RuntimeError):
-    """The diffusers model could not be loaded (most often: not downloaded, and we are offline)."""
 
 
 def image_seed(seed: int, category_id: int, index: int) -> int:
