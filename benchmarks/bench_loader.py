@@ -138,17 +138,18 @@ def measure_size(size: int, urls: str, bank: str, previous_root: str | None, arg
 
     batch = args.batch_size if device == "cpu" else 32
     common = (urls, bank, size, batch, args.batches, args.workers, device)
+    here = args.quick and device == "cpu"  # --quick: CPU rows in this process, GPU rows as in full
     new, old = [], []
     for _ in range(args.rounds):
         if previous_root:
             old.append(json.loads(run(MEASURE, *common, pythonpath=previous_root)))
-        new.append(json.loads(run_new(MEASURE, *common, quick=args.quick)))
+        new.append(json.loads(run_new(MEASURE, *common, quick=here)))
     row = {"loader": median_of(new)}
     if old:
         row["previous"] = median_of(old)
     device_id = None if device == "cpu" else int(device)
     row["ceiling"] = measure_decode_lsj(urls, size, batch, args.batches, device_id, os.cpu_count())
-    row["compositor"] = json.loads(run_new(COMPOSITOR, *common, quick=args.quick))
+    row["compositor"] = json.loads(run_new(COMPOSITOR, *common, quick=here))
     loader = row["loader"]
     ratios = {"vs_ceiling": loader["images_per_s"] / row["ceiling"]["images_per_s"]}
     if old:
@@ -190,9 +191,8 @@ def main() -> int:
                    quick=args.quick)
     urls = os.path.join(args.workdir, "bg", "bg-*.tar")
     previous = None if args.no_previous else previous_checkout(os.path.join(args.workdir, "previous-src"))
-    devices = ["cpu"] + (["0"] if torch.cuda.is_available() else [])
-    figures, names = {}, {"cpu": "cpu"}
-    for device in devices:
+    figures, names, devices = {}, {"cpu": "cpu"}, ["cpu"]
+    for device in devices:   # the GPU joins after the CPU rows (see the end of the loop)
         if device != "cpu":
             names[device] = device_name(int(device))
         for size in args.sizes:
@@ -205,6 +205,10 @@ def main() -> int:
                   + f"ceiling {row['ceiling']['images_per_s']:.1f} images/s; compositor "
                   f"{row['compositor']['ns_per_pasted_pixel']:.1f} ns/pasted pixel; "
                   + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items()), flush=True)
+        # asked only now: the question starts the CUDA driver, after which a CPU loader in this
+        # process (--quick runs the CPU rows here) could no longer fork its workers
+        if device == "cpu" and torch.cuda.is_available():
+            devices.append("0")
     device = names[devices[-1]]
     result = {
         "device": device, "cpu_cores": os.cpu_count(),
