@@ -28,10 +28,10 @@ its image's pastes in paste order, so "later wins" is the same sequence of opera
 the CPU). Every array index is cast to `np.uint64` where it is used: numba then drops its
 negative-index wraparound test, which cost ~16 % of the CPU paste (31.7 -> 26.6 ns per pasted
 pixel on 2-core EPYC, the loader's own 640 batches) and ~10 % of the target pass; every
-index is non-negative by construction. All arithmetic is integer (fixed-point bilinear weights of 1/2048 as in OpenCV's
-INTER_LINEAR, integer "over" blending), so the two devices give the same bits. The tests run
-the CUDA drivers under numba's CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) against the CPU
-drivers; what the simulator cannot show is the real device's launch and memory behaviour: the
+index is non-negative by construction. All arithmetic is integer (fixed-point bilinear
+weights of 1/2048 as in OpenCV's INTER_LINEAR, integer "over" blending), so the two devices
+give the same bits. The tests run the CUDA drivers under numba's CUDA simulator
+(`NUMBA_ENABLE_CUDASIM=1`) against the CPU drivers; what the simulator cannot show is the real device's launch and memory behaviour: the
 CUDA drivers are kept to index arithmetic and the body call, nothing else.
 """
 
@@ -182,12 +182,14 @@ def _composite_pixel(y, x, ly, lx, h, w, scratch_at, pad_at, image, slot, canvas
         weight = (total * 255 + (1 << (2 * GAUSS_BITS - 1))) >> (2 * GAUSS_BITS)
     if weight == 255:
         for c in range(3):
-            canvas[np.uint64(image), np.uint64(c), np.uint64(y), np.uint64(x)] = scratch[np.uint64(at), np.uint64(c)]
+            canvas[np.uint64(image), np.uint64(c), np.uint64(y), np.uint64(x)] = \
+                scratch[np.uint64(at), np.uint64(c)]
     elif weight > 0:
         for c in range(3):
             under = np.int64(canvas[np.uint64(image), np.uint64(c), np.uint64(y), np.uint64(x)])
-            canvas[np.uint64(image), np.uint64(c), np.uint64(y), np.uint64(x)] = (under * (255 - weight) + np.int64(scratch[np.uint64(at), np.uint64(c)]) * weight
-                                      + 127) // 255
+            over = np.int64(scratch[np.uint64(at), np.uint64(c)])
+            canvas[np.uint64(image), np.uint64(c), np.uint64(y), np.uint64(x)] = \
+                (under * (255 - weight) + over * weight + 127) // 255
     if hard:
         ids[np.uint64(image), np.uint64(y), np.uint64(x)] = slot + 1
 
