@@ -31,8 +31,9 @@ pixel on 2-core EPYC, the loader's own 640 batches) and ~10 % of the target pass
 index is non-negative by construction. All arithmetic is integer (fixed-point bilinear
 weights of 1/2048 as in OpenCV's INTER_LINEAR, integer "over" blending), so the two devices
 give the same bits. The tests run the CUDA drivers under numba's CUDA simulator
-(`NUMBA_ENABLE_CUDASIM=1`) against the CPU drivers; what the simulator cannot show is the real device's launch and memory behaviour: the
-CUDA drivers are kept to index arithmetic and the body call, nothing else.
+(`NUMBA_ENABLE_CUDASIM=1`) against the CPU drivers; what the simulator cannot show is the
+real device's launch and memory behaviour: the CUDA drivers are kept to index arithmetic and
+the body call, nothing else.
 """
 
 from __future__ import annotations
