@@ -586,9 +586,7 @@ def iter_indexed(url: str, max_bytes: int = 1 << 30) -> Iterator[dict] | None:
     if text is None or not text.startswith("v1.") or stale_index(url, text) is not None:
         return None
     try:
-        lines = [line.split() for line in text.splitlines()[1:] if line.strip()]
-        entries = [[(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f) - 3, 4)]
-                   for f in lines]
+        entries = _index_samples(text)
     except ValueError:
         return None
     with urls.open_url(url, "rb") as f:
@@ -667,14 +665,22 @@ def index_keys(url: str) -> list[str] | None:
     return [line.split()[3].partition(".")[0] for line in lines[1:] if len(line.split()) >= 4]
 
 
-def _index_members(text: str) -> list[tuple[str, int, int]]:
-    """(member, data offset, size) of every entry of a DALI index text, in file order."""
+def _index_samples(text: str) -> list[list[tuple[str, int, int, str]]]:
+    """Per sample (a line of a DALI index text, in file order): (ext, data offset, size, member
+    name) of each of its members; ValueError on an entry that is not numbers."""
     out = []
     for line in text.splitlines()[1:]:
         fields = line.split()
-        for i in range(0, len(fields) - 3, 4):
-            out.append((fields[i + 3], int(fields[i + 1]), int(fields[i + 2])))
+        if fields:
+            out.append([(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                        for i in range(0, len(fields) - 3, 4)])
     return out
+
+
+def _index_members(text: str) -> list[tuple[str, int, int]]:
+    """(member, data offset, size) of every entry of a DALI index text, in file order."""
+    return [(name, offset, size) for sample in _index_samples(text)
+            for _, offset, size, name in sample]
 
 
 def stale_index(url: str, text: str) -> str | None:
