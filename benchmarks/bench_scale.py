@@ -1,6 +1,8 @@
 """The engine at LVIS v1 scale, built on local disk without downloading anything.
 
     nice -n 10 python3 benchmarks/bench_scale.py [--sizes 0.01 0.1 1] [--workdir DIR] [--quick]
+    # after a change to one stage, rerun its steps on kept data; the other figures stay:
+    python3 benchmarks/bench_scale.py --sizes 1 --workdir DIR --keep --steps pack
 
 For each size (a fraction of LVIS v1 train) it builds:
 - an LVIS-format annotation file with LVIS v1's sizes: 100,170 images, 1,270,141 polygon
@@ -53,6 +55,10 @@ TARGETS = {"pack_coco_2_workers_seconds": 30 * 60, "pack_coco_peak_bytes": 8 * 2
                             "well below RSS, small private memory)"}
 POLYGON_POINTS = 40  # points per polygon: ~870 bytes per annotation, ~1.1 GB at full size
 CROWD_FRACTION = 0.01
+# The steps of one size: pack (data + pack-coco), index (bank shards + index + incremental),
+# then the loader, inspect and report, which read what the first two made (a rerun of some
+# steps, e.g. `--steps pack` after a pack-coco change, keeps the other steps' figures).
+STEPS = ("pack", "index", "loader", "inspect", "report")
 
 
 # -- the data set ------------------------------------------------------------------------------
@@ -407,23 +413,80 @@ def memory_summary(samples: list[dict]) -> dict:
 
 def run_size(fraction: float, args, record) -> None:
     work = os.path.join(args.workdir, f"size-{fraction:g}")
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    logs = os.path.join(work, "logs")
-    os.makedirs(logs)
+    if set(args.steps) == set(STEPS):
+        shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     n_images = max(20, round(LVIS_V1_TRAIN["images"] * fraction))
     n_instances = max(2 * args.per_shard, round(args.bank_instances * fraction))
     print(f"size {fraction:g}: {n_images:,} images, {n_instances:,} instances ({work})", flush=True)
 
+    steps = args.steps
+    bank, bg = os.path.join(work, "bank"), os.path.join(work, "bg")
+    needs = {"loader", "inspect", "report"} & set(steps)
+    missing = [p for p, made_by in ((os.path.join(bg, "categories.json"), "pack"),
+                                    (os.path.join(bank, "manifest.json"), "index"))
+               if needs and made_by not in steps and not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"--steps {' '.join(sorted(needs))} read {', '.join(missing)}: run pack and "
+                         "index into this --workdir first (with --keep)")
+    if "pack" in steps:
+        pack_steps(fraction, work, n_images, args, record)
+    if "index" in steps:
+        index_steps(fraction, work, n_instances, args, record)
+    if "loader" in steps:
+        spec = {"backgrounds": os.path.join(bg, "bg-*.tar"), "bank": bank,
+                "categories": os.path.join(bg, "categories.json"), "size": 640, "batch_size": 16,
+                "workers": 2, "feed_batches": feed_batches(fraction, args)}
+        spec_path = os.path.join(work, "loader-spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        loader = measured("loader", [sys.executable, os.path.abspath(__file__), "--loader-step",
+                                     spec_path, "--loader-out", os.path.join(work, "loader.json")],
+                          os.path.join(work, "logs"), args.timeout)
+        if "timed_out_after_s" not in loader:
+            with open(os.path.join(work, "loader.json")) as f:
+                loader.update(json.load(f))
+        record(fraction, "loader", loader)
+    categories = os.path.join(bg, "categories.json")
+    if "inspect" in steps:
+        record(fraction, "inspect_backgrounds", measured(
+            "inspect-bg", cli("inspect", os.path.join(bg, "bg-*.tar"), "--json"),
+            os.path.join(work, "logs"), args.check_timeout))
+        record(fraction, "inspect_bank", measured(
+            "inspect-bank", cli("inspect", bank, "--categories", categories, "--json"),
+            os.path.join(work, "logs"), args.check_timeout))
+    if "report" in steps:
+        record(fraction, "report_bank", measured(
+            "report-bank", cli("report", bank, "-o", os.path.join(work, "report"), "--categories",
+                               categories), os.path.join(work, "logs"), args.check_timeout))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def pack_steps(fraction: float, work: str, n_images: int, args, record) -> None:
+    """The LVIS-sized annotation file and images, then pack-coco with each worker count."""
     started = time.perf_counter()
-    sizes = write_images(os.path.join(work, "images"), n_images, np.random.default_rng(0))
+    images = os.path.join(work, "images")
+    sizes = write_images(images, n_images, np.random.default_rng(0))
     ann = os.path.join(work, "lvis_v1_train.json")
     data = write_annotations(ann, fraction, sizes, seed=0)
     data["build_s"] = round(time.perf_counter() - started, 1)
     record(fraction, "data", data)
     print(f"  data: {json.dumps(data)}", flush=True)
+    bg = os.path.join(work, "bg")
+    for workers in args.pack_workers:
+        shutil.rmtree(bg, ignore_errors=True)
+        record(fraction, f"pack_coco_{workers}_workers", measured(
+            f"pack-coco-{workers}", cli("pack-coco", ann, images, "-o",
+                                        os.path.join(bg, "bg-{shard:06d}.tar"), "--workers",
+                                        str(workers)), os.path.join(work, "logs"), args.timeout))
+    shutil.rmtree(images)  # the shards hold the images now
 
+
+def index_steps(fraction: float, work: str, n_instances: int, args, record) -> None:
+    """The bank's instance shards, index of them all, then an incremental index after one more."""
     inst = os.path.join(work, "inst")
+    shutil.rmtree(inst, ignore_errors=True)
     started = time.perf_counter()
     # X-Paste: ~equal per category; --quick: 20 categories (report draws a grid per category)
     categories = np.random.default_rng(3).integers(1, 21 if args.quick else 1204, n_instances)
@@ -431,7 +494,8 @@ def run_size(fraction: float, args, record) -> None:
     record(fraction, "bank_shards", {"instances": n_instances, "shards": len(shard_paths),
                                      "write_s": round(time.perf_counter() - started, 1),
                                      "bytes": sum(os.path.getsize(p) for p in shard_paths)})
-    bank = os.path.join(work, "bank")
+    bank, logs = os.path.join(work, "bank"), os.path.join(work, "logs")
+    shutil.rmtree(bank, ignore_errors=True)
     pattern = os.path.join(inst, "inst-*.tar")
     record(fraction, "index", measured("index", cli("index", pattern, "-o", bank, "--quiet"), logs,
                                        args.timeout))
@@ -439,40 +503,6 @@ def run_size(fraction: float, args, record) -> None:
                                     first_shard=len(shard_paths), first_instance=n_instances)
     record(fraction, "index_incremental_one_shard", measured(
         "index-incremental", cli("index", pattern, "-o", bank, "--quiet"), logs, args.timeout))
-
-    bg = os.path.join(work, "bg")
-    for workers in args.pack_workers:
-        shutil.rmtree(bg, ignore_errors=True)
-        record(fraction, f"pack_coco_{workers}_workers", measured(
-            f"pack-coco-{workers}", cli("pack-coco", ann, os.path.join(work, "images"), "-o",
-                                        os.path.join(bg, "bg-{shard:06d}.tar"), "--workers",
-                                        str(workers)), logs, args.timeout))
-    shutil.rmtree(os.path.join(work, "images"))  # the shards hold the images now
-
-    spec = {"backgrounds": os.path.join(bg, "bg-*.tar"), "bank": bank,
-            "categories": os.path.join(bg, "categories.json"), "size": 640, "batch_size": 16,
-            "workers": 2, "feed_batches": feed_batches(fraction, args)}
-    spec_path = os.path.join(work, "loader-spec.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    loader = measured("loader", [sys.executable, os.path.abspath(__file__), "--loader-step", spec_path,
-                                 "--loader-out", os.path.join(work, "loader.json")], logs,
-                      args.timeout)
-    if "timed_out_after_s" not in loader:
-        with open(os.path.join(work, "loader.json")) as f:
-            loader.update(json.load(f))
-    record(fraction, "loader", loader)
-
-    record(fraction, "inspect_backgrounds", measured(
-        "inspect-bg", cli("inspect", os.path.join(bg, "bg-*.tar"), "--json"), logs, args.check_timeout))
-    record(fraction, "inspect_bank", measured(
-        "inspect-bank", cli("inspect", bank, "--categories", spec["categories"], "--json"), logs,
-        args.check_timeout))
-    record(fraction, "report_bank", measured(
-        "report-bank", cli("report", bank, "-o", os.path.join(work, "report"), "--categories",
-                           spec["categories"]), logs, args.check_timeout))
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def feed_batches(fraction: float, args) -> int:
@@ -574,6 +604,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bank-instances", type=int, default=LVIS_V1_TRAIN["bank_instances"])
     p.add_argument("--per-shard", type=int, default=1000, help="instances per bank shard")
     p.add_argument("--pack-workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                   help="run these steps only (loader, inspect and report need the folders pack and "
+                        "index left: --keep --workdir DIR); their figures replace those on record")
     p.add_argument("--feed-batches", type=int, default=None,
                    help="feed-only batches of 16 (default 20,000 x size, at least 50)")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per step at most")
@@ -631,7 +664,8 @@ def main() -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
         for fraction in args.sizes:
-            result["sizes"].pop(f"{fraction:g}", None)
+            if set(args.steps) == set(STEPS):
+                result["sizes"].pop(f"{fraction:g}", None)
             run_size(fraction, args, record)
         plot(result, png)
     finally:
