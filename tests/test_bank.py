@@ -438,3 +438,31 @@ def test_bank_moved_with_its_shards_or_re_rooted_keeps_reading(tmp_path):
     grown = InstanceBank.open(str(tmp_path / "b" / "bank"), shard_root=str(elsewhere))
     with pytest.raises(BankError, match="not the same shard"):
         [grown.read(i) for i in range(12)]
+
+
+def test_in_memory_walk_equals_the_careful_walk_and_leaves_damage_to_it(shard_paths, tmp_path,
+                                                                        monkeypatch):
+    """A plain shard is walked in memory (tarscan._plain_members); the rows equal the careful
+    header-by-header walk's. A header whose checksum no longer matches makes the in-memory walk
+    decline, and the careful walk names the damage as before."""
+    from xpaste_stream.bank import tarscan
+
+    fast = tarscan.scan_shard(shard_paths[0])
+    with open(shard_paths[0], "rb") as f:
+        assert tarscan._plain_members(f.read()) is not None       # the fast path was taken
+    careful_only = monkeypatch.context()
+    with careful_only as m:
+        m.setattr(tarscan, "_plain_members", lambda data: None)
+        careful = tarscan.scan_shard(shard_paths[0])
+    assert len(fast.rows) == 40 and fast.rows.tobytes() == careful.rows.tobytes()
+    assert fast.truncated is None and fast.skipped == careful.skipped == []
+
+    damaged = str(tmp_path / "inst-000000.tar")
+    data = bytearray(open(shard_paths[0], "rb").read())
+    header = tarscan._plain_members(bytes(data))[30][1] - 512    # the 31st member's header
+    data[header + 60] ^= 0x01                # past the name's NUL: name and size read the same
+    open(damaged, "wb").write(bytes(data))
+    assert tarscan._plain_members(bytes(data)) is None
+    scan = tarscan.scan_shard(damaged)
+    assert scan.truncated is not None and "checksum" in scan.truncated
+    assert len(scan.rows) == 10                                  # the 10 whole samples before it

@@ -92,11 +92,13 @@ def image_limits() -> tuple[int, int]:
             _limit("XPASTE_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
 
 
-def check_image_dims(height: int, width: int, what: str = "image") -> None:
+def check_image_dims(height: int, width: int, what: str = "image",
+                     limits: tuple[int, int] | None = None) -> None:
     """FormatError when (height, width) is empty or over `image_limits` (a decoder would
-    allocate height * width * channels bytes for it)."""
+    allocate height * width * channels bytes for it); `limits`: image_limits() read once by a
+    caller that checks many (reading the environment is most of the cost)."""
     height, width = int(height), int(width)
-    side, pixels = image_limits()
+    side, pixels = limits or image_limits()
     if height < 1 or width < 1:
         raise FormatError(f"{what}: size {width}x{height}")
     if max(height, width) > side or height * width > pixels:
