@@ -6,7 +6,7 @@
 The only change to a stock detectron2 trainer is `build_train_loader`: CopyPasteLoader's batches
 through `xpaste_stream.loader.detectron2` (LSJ and pasting on each process's GPU). The loader is
 registered with the checkpointer, so `--resume` continues mid-epoch with the same batches.
-Needs detectron2 (not on PyPI: pip install 'git+https://github.com/facebookresearch/detectron2.git').
+Needs detectron2 (not on PyPI): build it from its source as README.md's detectron2 section says.
 
 Offline and on the CPU (README, "detectron2"): `MODEL.DEVICE cpu XPASTE.DEVICE cpu`,
 `MODEL.WEIGHTS ""` (random init; or a local .pkl / .pth: nothing is downloaded), and

@@ -527,7 +527,7 @@ class Logger:
         seconds = sum(r.step_s for r in w)
         entry = {"step": w[-1].step, "epoch": w[-1].epoch, "lr": lr,
                  **{k: round(float(v), 5) for k, v in zip(names, means, strict=True)},
-                 "images_per_s": round(sum(r.images for r in w) / seconds, 2),
+                 "images_per_s": float(f"{sum(r.images for r in w) / seconds:.3g}"),  # slow: digits kept
                  "data_wait_fraction": round(sum(r.wait_s for r in w) / seconds, 4),
                  "seconds": round(seconds, 3)}
         if self.rt.rank == 0:
