@@ -8,6 +8,7 @@ dataclass's `validate()` rejects all raise `ConfigError` naming the file and the
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -134,6 +135,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 # -- devices: one grammar for every command -------------------------------------------------------
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK); (0, 1, 0) outside it. The one place they are read."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda (the current GPU) or cuda:N; a bare N means cuda:N"
 

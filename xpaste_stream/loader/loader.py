@@ -42,7 +42,7 @@ import torch
 from nvidia.dali.backend import TensorListGPU
 
 from .. import formats, urls
-from ..config import check
+from ..config import check, torchrun_env
 from .backgrounds import BackgroundIndex, BackgroundIndexError, ShardFiles
 from .composite import (
     C_H,
@@ -110,8 +110,9 @@ class CopyPasteLoader:
         self.config = LoaderConfig(**{**(vars(config) if config else {}), **overrides})
         check(self.paste, "paste")
         check(self.config, "loader")
-        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        env_rank, env_world, _ = torchrun_env()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} must be in [0, world_size={world_size})")
         self.urls = urls.expand(background_urls)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .. import errors, formats, urls
-from ..config import check, parse_device
+from ..config import check, parse_device, torchrun_env
 from ..loader import CopyPasteLoader, PasteConfig
 from .checkpoint import (
     LATEST,
@@ -149,8 +149,7 @@ class Runtime:
 def init_runtime(device: str) -> Runtime:
     """Rank and world from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process
     group per job (NCCL on GPUs, gloo on the CPU)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = torchrun_env()
     device = parse_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"device {device!r} asked for, but CUDA is not available here")
