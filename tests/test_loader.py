@@ -264,10 +264,10 @@ def test_corrupt_instances_redrawn_and_counted(tmp_path):
     stats = loader.stats()
     assert stats["instances_corrupt"] > 0
     assert len(stats["skipped"]) == stats["instances_corrupt"]
+    assert not any(s[1].startswith("instance ") for s in stats["skipped"]), stats["skipped"]
+    assert all(s[0].endswith(".tar") and s[2].startswith("instance ") for s in stats["skipped"])
     opened = InstanceBank.open(bank)   # named by shard and sample key, as in the shards
     assert {tuple(s[:2]) for s in stats["skipped"]} <= {opened.where(i) for i in corrupt_ids}
-    assert all(s[0].endswith(".tar") and s[2].startswith("instance ") for s in stats["skipped"])
-    assert not any(s[1].startswith("instance ") for s in stats["skipped"])
 
 
 def test_mismatched_bank_refused(tmp_path):

@@ -107,11 +107,14 @@ def test_shard_stream_from_a_silent_store_is_a_named_damaged_input(stoppable_s3,
     assert damage and damage[0].shard == url
 
 
+@pytest.mark.parametrize("batch_timeout", [60.0, None], ids=["batch_timeout60", "defaults"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_mid_epoch_on_a_silent_store_ends_within_the_bound(stoppable_s3, tmp_path, workers,
-                                                                  monkeypatch):
+                                                                  monkeypatch, batch_timeout):
     """Backgrounds on the store, which stops answering after the first batch: the loader ends
-    (a clear error naming the store's shards) within the bound instead of waiting forever."""
+    (a clear error naming the store's shards) within the bound instead of waiting forever.
+    `defaults`: no batch_timeout given (the loader's own), so the bound comes from the store
+    access alone (and the same test runs against versions without the watchdog)."""
     from test_loader_fixtures import default_backgrounds, write_backgrounds, write_bank, write_categories
 
     from xpaste_stream.loader import CopyPasteLoader, PasteConfig
@@ -131,7 +134,8 @@ def test_loader_mid_epoch_on_a_silent_store_ends_within_the_bound(stoppable_s3, 
 
     monkeypatch.setattr(remote, "_CACHE", {})                   # a fresh cache with those sizes
     loader = CopyPasteLoader(urls, bank, PasteConfig(output_size=64, max_pastes=2), batch_size=2,
-                             workers=workers, batch_timeout=60.0, prefetch=1, worker_prefetch=1)
+                             workers=workers, prefetch=1, worker_prefetch=1,
+                             **({} if batch_timeout is None else {"batch_timeout": batch_timeout}))
     it = iter(loader)
     next(it)
     os.kill(server.pid, signal.SIGSTOP)
