@@ -291,13 +291,23 @@ def _run_processes(run: _Run) -> list:
                             run.error(i, e)
                         except Exception as e:  # noqa: BLE001 - the rule in `_Run.error` decides
                             run.error(i, e)
-            except BaseException:  # a refusal or Ctrl-C: units not started are not started
+            except KeyboardInterrupt:  # Ctrl-C / SIGTERM: stop now (a rerun redoes those units)
+                _stop_workers(pool)
+                raise
+            except BaseException:  # a refusal: units running finish, the others never start
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
             for i in running.values():  # the pool broke under these: run them again
                 if run.results[i] is None:
                     run.todo.append(i)
     return run.finish()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM every worker of `pool` (they ignore SIGINT: quiet_worker), then let it go."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_ray(run: _Run) -> list:
