@@ -307,3 +307,13 @@ def test_a_unit_error_gives_the_same_exit_status_on_every_executor(error, at, co
     else:  # transient: every unit tried 1 + --retries times, then named
         assert "3 work unit(s) failed after retries" in err
         assert sorted(calls) == sorted(2 * sorted(set(calls))) and len(set(calls)) == 3
+
+
+def test_pack_coco_and_index_refuse_an_unreachable_ray_address_before_work(stage_inputs, tmp_path):
+    pytest.importorskip("ray")
+    ray = ["--executor", "ray", "--ray-address", "127.0.0.1:9", "--quiet"]
+    assert main(["pack-coco", stage_inputs["annotations"], stage_inputs["images"], "-o",
+                 str(tmp_path / "bg" / "bg-{shard:04d}.tar"), *ray]) == 2
+    inst = sorted(glob.glob(str(stage_inputs["root"] / "inst" / "inst-*.tar")))
+    assert main(["index", *inst, "-o", str(tmp_path / "bank"), *ray]) == 2
+    assert not glob.glob(str(tmp_path / "*" / "*"))
