@@ -310,32 +310,61 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+ACTOR_START_S = 300.0  # the longest wait for a Ray actor to start when no unit is running
+
+
 def _run_ray(run: _Run) -> list:
+    """Units are sent only to actors that answered `ready`: an actor replacing one lost with its
+    node may wait for room on the cluster while the others carry on; with nothing running and no
+    actor started for ACTOR_START_S seconds, the units left are named as failed."""
     ray = start_ray(run.cfg.ray_address)
     actor_class = ray.remote(num_cpus=1, num_gpus=run.job.num_gpus)(_UnitActor)
-    actors = [actor_class.remote(run.job, run.fail_once)
-              for _ in range(min(run.cfg.workers, len(run.units)))]
-    spawned = list(actors)
-    idle = deque(actors)
+    spawned: list = []
+    starting: dict = {}  # ready() ref -> actor not yet answering
+    most = run.cfg.workers + len(run.units) * (run.cfg.retries + 1)  # actors ever started
+
+    def spawn() -> None:
+        if len(spawned) < most:
+            actor = actor_class.remote(run.job, run.fail_once)
+            spawned.append(actor)
+            starting[actor.ready.remote()] = actor
+
+    for _ in range(min(run.cfg.workers, len(run.units))):
+        spawn()
+    idle: deque = deque()
     running: dict = {}
     try:
         while run.todo or running:
             while run.todo and idle:
                 actor, i = idle.popleft(), run.todo.popleft()
                 running[actor.run.remote(run.units[i])] = (i, actor)
-            ready, _ = ray.wait(list(running), num_returns=1)
+            waiting = [*running, *starting]
+            ready = ray.wait(waiting, num_returns=1, timeout=ACTOR_START_S)[0] if waiting else []
+            if not ready and not running:  # no actor to run the units left, nor one coming
+                why = (f"no Ray actor started in {ACTOR_START_S:.0f} s" if waiting else
+                       f"every Ray actor was lost ({len(spawned)} started)")
+                for i in run.todo:
+                    run.failed[unit_key(run.units[i])] = \
+                        f"{why} (cluster resources free: {ray.available_resources()})"
+                break
             for ref in ready:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(actor)
+                    except ray.exceptions.RayActorError:  # lost before it started: another
+                        spawn()
+                    continue
                 i, actor = running.pop(ref)
-                idle.append(actor)
                 try:
                     run.done(i, ray.get(ref))
-                except ray.exceptions.RayActorError as e:  # the actor died: replace it
-                    idle.remove(actor)
-                    actor = actor_class.remote(run.job, run.fail_once)
-                    spawned.append(actor)
                     idle.append(actor)
+                except ray.exceptions.RayActorError as e:  # the actor (or its node) died
+                    spawn()
                     run.error(i, e)
                 except ray.exceptions.RayTaskError as e:
+                    idle.append(actor)
                     run.error(i, e.cause if e.cause is not None else e)
     finally:
         for actor in spawned:
@@ -349,6 +378,9 @@ class _UnitActor:
 
     def __init__(self, job, fail_once):
         self.job, self.fail_once, self.context = job, fail_once, None
+
+    def ready(self) -> bool:
+        return True
 
     def run(self, unit):
         if self.context is None:
