@@ -8,27 +8,17 @@ import os
 import shutil
 
 import pytest
+from helpers import ext_config, gen_config, snapshot
 
 from xpaste_stream import formats, shards
 from xpaste_stream.cli import main
 from xpaste_stream.config import ConfigError
 from xpaste_stream.executors import FAIL_ONCE_ENV, ExecutorConfig, UnitsFailed
-from xpaste_stream.extract import ExtractConfig, run_extract
-from xpaste_stream.generate import GenerateConfig, run_generate
+from xpaste_stream.extract import run_extract
+from xpaste_stream.generate import run_generate
 from xpaste_stream.generate.text2image import DiffusersConfig
 from xpaste_stream.inspect import inspect_shards
 from xpaste_stream.manifest import manifest_path
-
-
-def gen_config(folder, **kw) -> GenerateConfig:
-    settings = {"output": str(folder / "gen-{shard:04d}.tar"), "num_categories": 3,
-                "images_per_category": 4, "image_size": 64, "maxcount": 4, **kw}
-    return GenerateConfig(**settings)
-
-
-def ext_config(inputs, folder, **kw) -> ExtractConfig:
-    return ExtractConfig(inputs=[inputs], output=str(folder / "inst-{shard:04d}.tar"), maxcount=4,
-                         batch_size=3, **kw)
 
 
 def keys_of(folder, prefix: str) -> list[str]:
@@ -190,24 +180,6 @@ def test_ray_executor_writes_the_same_bytes_as_local(tmp_path, ray_local, monkey
 
 EXECUTORS = {"local-1": ExecutorConfig(), "local-2": ExecutorConfig(workers=2),
              "ray-2": ExecutorConfig(executor="ray", workers=2)}
-TIMES = ("seconds", "finished_at", "created")  # when, not what: left out of the comparison
-
-
-def snapshot(folder) -> dict:
-    """Every file under `folder` by relative name: bytes, JSON (stats, manifests) as data
-    without its time stamps. Shards, .idx, rejects lists and tars, banks' columns compared whole."""
-    found = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            data = open(path, "rb").read()
-            if name.endswith(".json"):
-                doc = json.loads(data)
-                data = {k: v for k, v in doc.items() if k not in TIMES} if isinstance(doc, dict) else doc
-            found[os.path.relpath(path, folder)] = data
-    return found
-
-
 def on_every_executor(out, run) -> dict:
     """`run(executor)` writes into `out` once per executor; what it left, by executor (the
     same folder each time, so paths recorded in stats and manifests are the same too)."""
