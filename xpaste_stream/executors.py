@@ -76,6 +76,16 @@ class UnitJob(Protocol):
     def run(self, context: Any, unit: Any) -> dict: ...
 
 
+class PlainJob:
+    """Base of a job whose workers build nothing (`setup` gives None) and need no GPU: CPU-only
+    stages (pack-coco, index)."""
+
+    num_gpus = 0.0
+
+    def setup(self) -> None:
+        return None
+
+
 class UnitsFailed(RuntimeError):
     """Work units that failed on every attempt, by name, with their last error."""
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import errors, urls
 from ..config import check
-from ..executors import ExecutorConfig, for_stage, run_units, start_ray
+from ..executors import ExecutorConfig, PlainJob, for_stage, run_units, start_ray
 from ..formats import INSTANCE_SCHEMAS
 from ..remote import check_location
 from ..shards import resolve_inputs
@@ -197,15 +197,11 @@ def _remove(path: str) -> None:
 
 
 @dataclass
-class ScanJob:
+class ScanJob(PlainJob):
     """Reading instance shards as work units, one input shard each (picklable: sent to
     processes and actors); the merge, sort and write of the columns stay in the driver."""
 
     dedup: bool
-    num_gpus: float = 0.0
-
-    def setup(self) -> None:
-        return None
 
     def run(self, context, path: str) -> ShardScan:
         return scan_shard(path, hash_images=self.dedup)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .. import errors, formats, urls
 from ..config import ConfigError, check
-from ..executors import ExecutorConfig, for_stage, run_units, start_ray
+from ..executors import ExecutorConfig, PlainJob, for_stage, run_units, start_ray
 from ..manifest import input_identity, open_run, settings_of
 from ..remote import check_location
 from ..shards import ShardNames, ShardWriter, check_output_pattern, unit_finished
@@ -338,17 +338,13 @@ class PackUnit:
 
 
 @dataclass
-class CheckJob:
+class CheckJob(PlainJob):
     """Pass 1 as work units: each image checked (picklable: sent to processes and actors)."""
 
     images: str
     known: set
     verify: bool
     allow_outside: bool
-    num_gpus: float = 0.0
-
-    def setup(self) -> None:
-        return None
 
     def run(self, context, unit: PackUnit) -> list[ImageCheck]:
         return [check_image((im, anns, self.images, self.known, self.verify, self.allow_outside))
@@ -356,16 +352,12 @@ class CheckJob:
 
 
 @dataclass
-class PackJob:
+class PackJob(PlainJob):
     """Pass 2 as work units: one unit -> exactly its shard and stats, under every executor."""
 
     cfg: PackCocoConfig
     repeat_factors: dict
     fingerprint: str
-    num_gpus: float = 0.0
-
-    def setup(self) -> None:
-        return None
 
     def run(self, context, unit: PackUnit) -> dict:
         cfg = self.cfg
