@@ -289,3 +289,32 @@ def test_pack_coco_and_index_refuse_an_unreachable_ray_address_before_work(stage
     inst = sorted(glob.glob(str(stage_inputs["root"] / "inst" / "inst-*.tar")))
     assert main(["index", *inst, "-o", str(tmp_path / "bank"), *ray]) == 2
     assert not glob.glob(str(tmp_path / "*" / "*"))
+
+
+def test_pipeline_executor_table_runs_pack_coco_and_a_stage_table_overrides_its_workers(tmp_path):
+    from xpaste_stream.pipeline import load_pipeline, run_pipeline
+
+    def pipeline(name: str, stage_workers: str) -> dict:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f"""
+[pipeline]
+stages = ["scenes", "pack_coco"]
+[scenes]
+output = "{tmp_path / 'scenes'}"
+num_categories = 3
+num_images = 9
+height = 48
+width = 64
+[pack_coco]
+output = "{tmp_path / name / 'bg-{shard:04d}.tar'}"
+maxcount = 3
+{stage_workers}
+[executor]
+workers = 2
+""")
+        return run_pipeline(load_pipeline(str(path)), progress=False)["pack_coco"]
+
+    assert pipeline("table", "")["workers"] == 2
+    assert pipeline("stage", "workers = 1")["workers"] == 1
+    table, stage = shard_bytes(tmp_path / "table", "bg"), shard_bytes(tmp_path / "stage", "bg")
+    assert len(table) == 6 and table == stage
