@@ -2,13 +2,17 @@
 
 A stage describes its work as a picklable *job* with two methods:
 - `setup()` builds what one worker needs once (models on its device) and returns it;
-- `run(context, unit)` does one work unit (writes exactly its own shard) and returns its stats.
+- `run(context, unit)` does one work unit (writes exactly its own shard, or reads one input
+  shard: index) and returns its result (stats, a scan).
 Every executor calls the same two methods, so outputs are byte-identical whichever runs them.
+Every stage that writes shards or a bank (pack-coco, generate, extract, index) runs here.
 
-- `local`, 1 worker: this process (a prebuilt context may be passed: benchmarks, tests);
-- `local`, N workers: N spawned processes, each with its own context;
-- `ray`: N Ray actors, each holding its context (one model per GPU actor when the job asks
-  for GPUs), pulling units one at a time from this driver.
+- `local`, 1 worker (or one unit to run): this process (a prebuilt context may be passed:
+  benchmarks, tests);
+- `local`, N workers: up to N spawned processes (no more than units), each with its own context;
+- `ray`: up to N Ray actors, each holding its context (one model per GPU actor when the job asks
+  for GPUs), pulling units one at a time from this driver; an actor lost (with its node) is
+  replaced when the cluster has room, its unit retried on the others meanwhile.
 
 Which errors are retried is decided here, once, for every executor (`refused`): a refusal
 (`REFUSALS`: bad settings, inputs of the wrong format, a model that is not here) cannot be cured
