@@ -434,22 +434,24 @@ def run_pack_coco(cfg: PackCocoConfig, progress: bool = True, overwrite: bool = 
             ShardNames(cfg.output)[(len(images) - 1) // cfg.maxcount]
         except ValueError as e:
             raise ConfigError(f"pack-coco: {e}") from None
+    units = plan_units(images, anns, cfg.maxcount)
+    # finished units, known before work (stats of another run or unit refuse the output here)
+    finished = {u.shard for u in units if unit_finished(cfg.output, u.key, u.shard, run.fingerprint)}
     if executor.executor == "ray":
         start_ray(executor.ray_address)
     run.save()  # the inputs are readable: work starts
     known = {c["id"] for c in ds.dataset["categories"]}
-    units = plan_units(images, anns, cfg.maxcount)
     checked = run_units(CheckJob(cfg.images, known, cfg.verify_images, cfg.allow_outside_images),
                         units, executor, stage="pack-coco: check", progress=progress,
                         weights=[u.end - u.start for u in units])
     checks = [c for unit_checks in checked for c in unit_checks]
     return _pack_all(images, anns, checks, is_lvis, ds.dataset["categories"], cfg, executor,
-                     progress, run.fingerprint)
+                     progress, run.fingerprint, finished)
 
 
 def _pack_all(images: list[dict], anns: list[list[dict]], checks: list[ImageCheck], is_lvis: bool,
               categories: list[dict], cfg: PackCocoConfig, executor: ExecutorConfig,
-              progress: bool, run: str) -> dict:
+              progress: bool, run: str, finished: set[int]) -> dict:
     """categories.json over the images that pass, then pass 2: pack the units not finished."""
     packed = [(im, [a[i] for i in c.kept]) for im, a, c in zip(images, anns, checks, strict=True)
               if c.failure is None]
@@ -462,7 +464,7 @@ def _pack_all(images: list[dict], anns: list[list[dict]], checks: list[ImageChec
 
     repeat_factors = {c["id"]: c["repeat_factor"] for c in table}
     units = plan_units(images, anns, cfg.maxcount, checks)
-    todo = [u for u in units if not unit_finished(cfg.output, u.key, u.shard, run)]
+    todo = [u for u in units if u.shard not in finished]
     run_units(PackJob(cfg, repeat_factors, run), todo, executor, stage="pack-coco",
               progress=progress, weights=[u.end - u.start for u in todo])
     writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=run)
