@@ -318,3 +318,22 @@ workers = 2
     assert pipeline("stage", "workers = 1")["workers"] == 1
     table, stage = shard_bytes(tmp_path / "table", "bg"), shard_bytes(tmp_path / "stage", "bg")
     assert len(table) == 6 and table == stage
+
+
+def test_pack_coco_resume_redoes_only_unfinished_units(stage_inputs, tmp_path):
+    from xpaste_stream.pack import PackCocoConfig, run_pack_coco
+
+    cfg = PackCocoConfig(stage_inputs["annotations"], stage_inputs["images"],
+                         output=str(tmp_path / "bg-{shard:04d}.tar"), maxcount=4)
+    run_pack_coco(cfg, progress=False)
+    reference = snapshot(tmp_path)
+    before = os.stat(tmp_path / "bg-0000.tar").st_mtime_ns
+    os.remove(shards.stats_path(str(tmp_path / "bg-0001.tar")))  # killed while finishing unit 1
+    summary = run_pack_coco(cfg, progress=False, executor=ExecutorConfig(workers=2))
+    assert summary["units"] == 3 and summary["units_run"] == 1
+    assert os.stat(tmp_path / "bg-0000.tar").st_mtime_ns == before and snapshot(tmp_path) == reference
+    # stats written by a unit of another shape (an older pack-coco) are refused before work
+    stats = json.loads((tmp_path / "bg-0002.stats.json").read_text())
+    (tmp_path / "bg-0002.stats.json").write_text(json.dumps({**stats, "unit": None}))
+    with pytest.raises(ConfigError, match="the output mixes runs"):
+        run_pack_coco(cfg, progress=False)
