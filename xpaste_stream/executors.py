@@ -146,6 +146,12 @@ def for_stage(executor: ExecutorConfig | None, workers: int | None) -> ExecutorC
     return executor if workers is None else dataclasses.replace(executor, workers=workers)
 
 
+def unit_summary(units: list, todo: list, cfg: ExecutorConfig) -> dict:
+    """What a stage's summary says of its units and how they ran."""
+    return {"units": len(units), "units_run": len(todo), "executor": cfg.executor,
+            "workers": cfg.workers}
+
+
 def wants_gpu(device: str) -> bool:
     """Whether a model stage on `device` needs a GPU per worker (Ray schedules it on one)."""
     if device.startswith("cuda"):

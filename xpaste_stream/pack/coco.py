@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .. import errors, formats, urls
+from .. import formats, urls
 from ..config import ConfigError, check
-from ..executors import ExecutorConfig, PlainJob, for_stage, run_units, start_ray
+from ..executors import ExecutorConfig, PlainJob, for_stage, run_units, start_ray, unit_summary
 from ..manifest import input_identity, open_run, settings_of
 from ..remote import check_location
-from ..shards import ShardNames, ShardWriter, check_output_pattern, unit_finished
+from ..shards import ShardNames, ShardWriter, check_output_pattern, gather_units, unit_finished
 
 LVIS_RARE_MAX, LVIS_COMMON_MAX = 10, 100  # LVIS frequency groups by training image count
 
@@ -363,8 +363,7 @@ class PackJob(PlainJob):
         cfg = self.cfg
         writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize,
                              run=self.fingerprint)
-        writer.start_unit(unit.shard, unit.start, unit.key)
-        try:
+        with writer.writing_unit(unit.shard, unit.start, unit.key):
             for position, im, anns, c in zip(range(unit.start, unit.end), unit.images, unit.anns,
                                              unit.checks, strict=True):
                 source, key = image_path(im, cfg.images), image_key(im)
@@ -374,9 +373,6 @@ class PackJob(PlainJob):
                 else:
                     writer.add(position, result, source=source, dropped=c.dropped)
             return writer.finish_unit(unit.end)
-        except BaseException:
-            writer.abort_unit()
-            raise
 
 
 def plan_units(images: list[dict], anns: list[list[dict]], maxcount: int,
@@ -467,11 +463,6 @@ def _pack_all(images: list[dict], anns: list[list[dict]], checks: list[ImageChec
     todo = [u for u in units if u.shard not in finished]
     run_units(PackJob(cfg, repeat_factors, run), todo, executor, stage="pack-coco",
               progress=progress, weights=[u.end - u.start for u in todo])
-    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=run)
-    writer.gather([u.shard for u in units])
-    summary = writer.close()
-    summary["categories"] = cfg.categories_path()
-    summary.update(units=len(units), units_run=len(todo), executor=executor.executor,
-                   workers=executor.workers)
-    errors.record(writer.outcome("pack-coco", summary))
-    return summary
+    summary, _ = gather_units("pack-coco", cfg.output, [u.shard for u in units],
+                              maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=run)
+    return {**summary, "categories": cfg.categories_path(), **unit_summary(units, todo, executor)}
