@@ -241,12 +241,7 @@ def _image_problem(image: dict, image_dir: str, verify: bool,
     if isinstance(data, tuple):
         return data
     try:
-        formats.check_image_header(data, path)
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, size = im.format, im.size
-            formats.check_pil_size(im, path)
-            if verify:
-                im.load()
+        fmt, size = _open_checked(data, path, load=verify)
     except formats.FormatError as e:
         return "image_too_large", str(e)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -257,6 +252,18 @@ def _image_problem(image: dict, image_dir: str, verify: bool,
         return "size_mismatch", (f"{path}: file is {size[0]}x{size[1]}, annotation says "
                                  f"{image['width']}x{image['height']}")
     return None
+
+
+def _open_checked(data: bytes, path: str, load: bool) -> tuple[str | None, tuple[int, int]]:
+    """(PIL format, size) of image bytes whose declared size is within bounds (FormatError if
+    not, before anything decodes them); `load`: decode every pixel (a corrupt file raises)."""
+    formats.check_image_header(data, path)
+    with Image.open(io.BytesIO(data)) as im:
+        fmt, size = im.format, im.size
+        formats.check_pil_size(im, path)
+        if load:
+            im.load()
+    return fmt, size
 
 
 def _read(path: str) -> bytes | tuple[str, str]:
@@ -299,10 +306,7 @@ def pack_image(task: tuple) -> dict | tuple[str, str]:
     if isinstance(data, tuple):
         return data
     try:
-        formats.check_image_header(data, path)
-        with Image.open(io.BytesIO(data)) as im:
-            ext = _EXTENSIONS.get(im.format)
-            formats.check_pil_size(im, path)
+        ext = _EXTENSIONS.get(_open_checked(data, path, load=False)[0])
     except (OSError, ValueError, SyntaxError) as e:
         return "corrupt_image", f"{path}: changed since it was checked ({type(e).__name__}: {e})"
     if ext is None:
