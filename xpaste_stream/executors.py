@@ -380,7 +380,9 @@ def _run_ray(run: _Run) -> list:
                 try:
                     run.done(i, ray.get(ref))
                     idle.append(actor)
-                except ray.exceptions.RayActorError as e:  # the actor (or its node) died
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+                    # the actor, or its node (and the result kept there), is gone: another
+                    ray.kill(actor)
                     spawn()
                     run.error(i, e)
                 except ray.exceptions.RayTaskError as e:
