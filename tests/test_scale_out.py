@@ -8,27 +8,17 @@ import os
 import shutil
 
 import pytest
+from helpers import ext_config, gen_config, snapshot
 
 from xpaste_stream import formats, shards
 from xpaste_stream.cli import main
 from xpaste_stream.config import ConfigError
 from xpaste_stream.executors import FAIL_ONCE_ENV, ExecutorConfig, UnitsFailed
-from xpaste_stream.extract import ExtractConfig, run_extract
-from xpaste_stream.generate import GenerateConfig, run_generate
+from xpaste_stream.extract import run_extract
+from xpaste_stream.generate import run_generate
 from xpaste_stream.generate.text2image import DiffusersConfig
 from xpaste_stream.inspect import inspect_shards
 from xpaste_stream.manifest import manifest_path
-
-
-def gen_config(folder, **kw) -> GenerateConfig:
-    settings = {"output": str(folder / "gen-{shard:04d}.tar"), "num_categories": 3,
-                "images_per_category": 4, "image_size": 64, "maxcount": 4, **kw}
-    return GenerateConfig(**settings)
-
-
-def ext_config(inputs, folder, **kw) -> ExtractConfig:
-    return ExtractConfig(inputs=[inputs], output=str(folder / "inst-{shard:04d}.tar"), maxcount=4,
-                         batch_size=3, **kw)
 
 
 def keys_of(folder, prefix: str) -> list[str]:
@@ -153,11 +143,17 @@ def test_unreachable_ray_address_is_refused_before_work(tmp_path):
     assert code == 2
 
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
+    """One Ray instance for the module; its workers import this tree and the tests' plug-ins."""
     ray = pytest.importorskip("ray")
+    path = os.pathsep.join(p for p in (TESTS, REPO, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 
@@ -178,3 +174,166 @@ def test_ray_executor_writes_the_same_bytes_as_local(tmp_path, ray_local, monkey
     assert summary["units"] == 3 and summary["executor"] == "ray"
     local, remote = shard_bytes(tmp_path / "inst-local", "inst"), shard_bytes(tmp_path / "inst-ray", "inst")
     assert len(local) >= 6 and remote == local
+
+
+# -- every stage, every executor: the same shard set ----------------------------------------------
+
+EXECUTORS = {"local-1": ExecutorConfig(), "local-2": ExecutorConfig(workers=2),
+             "ray-2": ExecutorConfig(executor="ray", workers=2)}
+def on_every_executor(out, run) -> dict:
+    """`run(executor)` writes into `out` once per executor; what it left, by executor (the
+    same folder each time, so paths recorded in stats and manifests are the same too)."""
+    results = {}
+    for name, executor in EXECUTORS.items():
+        shutil.rmtree(out, ignore_errors=True)
+        run(executor)
+        results[name] = snapshot(out)
+    return results
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory):
+    """Inputs of every stage, made once: a COCO-format scene dataset with a missing image,
+    image shards and instance shards (3 work units each)."""
+    from xpaste_stream.generate.procedural import SceneSpec, category_names, write_scene_dataset
+
+    root = tmp_path_factory.mktemp("inputs")
+    annotations = write_scene_dataset(str(root / "scenes"), category_names(4),
+                                      SceneSpec(num_images=11, image_size=(64, 80), max_objects=3,
+                                                seed=3))
+    images = str(root / "scenes" / "images")
+    os.remove(os.path.join(images, sorted(os.listdir(images))[2]))  # a reject to list
+    run_generate(gen_config(root / "img"), progress=False)
+    run_extract(ext_config(str(root / "img" / "gen-*.tar"), root / "inst"), progress=False)
+    return {"annotations": annotations, "images": images, "root": root}
+
+
+def run_stage(stage: str, inputs: dict, out, executor: ExecutorConfig) -> dict:
+    from xpaste_stream.bank import build_index
+    from xpaste_stream.pack import PackCocoConfig, run_pack_coco
+
+    if stage == "pack-coco":
+        return run_pack_coco(PackCocoConfig(inputs["annotations"], inputs["images"],
+                                            output=str(out / "bg-{shard:04d}.tar"), maxcount=4),
+                             progress=False, executor=executor)
+    if stage == "generate":
+        return run_generate(gen_config(out), progress=False, executor=executor)
+    if stage == "extract":
+        return run_extract(ext_config(str(inputs["root"] / "img" / "gen-*.tar"), out), progress=False,
+                           executor=executor)
+    return build_index(sorted(glob.glob(str(inputs["root"] / "inst" / "inst-*.tar"))), str(out),
+                       dedup=True, progress=False, executor=executor)
+
+
+@pytest.mark.parametrize("stage", ["pack-coco", "generate", "extract", "index"])
+def test_every_stage_writes_the_same_files_on_every_executor(stage, stage_inputs, tmp_path, ray_local):
+    """local with 1 and 2 processes and Ray (2 actors): shards, .idx, stats, run manifest,
+    rejects list and tars (pack-coco, generate, extract); every file of the bank (index)."""
+    got = on_every_executor(tmp_path / "out", lambda ex: run_stage(stage, stage_inputs,
+                                                                   tmp_path / "out", ex))
+    reference = got["local-1"]
+    kinds = {os.path.splitext(name)[1] for name in reference}
+    if stage == "index":
+        assert {"manifest.json", "stats.json", "rejects.jsonl"} - set(reference) == {"rejects.jsonl"}
+        assert len([n for n in reference if n.endswith(".npy")]) >= 8
+    else:
+        assert {".tar", ".idx", ".json"} <= kinds and sum(n.endswith("stats.json") for n in reference) == 3
+        assert any(n.endswith("-manifest.json") for n in reference)
+    if stage == "pack-coco":
+        assert "bg-rejects.jsonl" in reference and "categories.json" in reference
+    if stage == "extract":
+        assert any(n.startswith("rejects/") for n in reference) or "inst-rejects.jsonl" not in reference
+    for name in ("local-2", "ray-2"):
+        assert sorted(got[name]) == sorted(reference), name
+        for f in reference:
+            assert got[name][f] == reference[f], (name, f)
+
+
+# -- one rule for errors, every executor: refusals exit 2 at once, other errors retried, exit 1 ---
+
+
+@pytest.mark.parametrize("error, at, code", [("ConfigError", "segment", 2), ("ConfigError", "setup", 2),
+                                             ("RuntimeError", "segment", 1)])
+@pytest.mark.parametrize("executor", ["local-1", "local-2", "ray-2"])
+def test_a_unit_error_gives_the_same_exit_status_on_every_executor(error, at, code, executor,
+                                                                   stage_inputs, tmp_path, capsys,
+                                                                   request):
+    if executor.startswith("ray"):
+        request.getfixturevalue("ray_local")
+    log = tmp_path / "calls.log"
+    ex = EXECUTORS[executor]
+    argv = ["extract", str(stage_inputs["root"] / "img" / "gen-*.tar"), "-o",
+            str(tmp_path / "inst" / "inst-{shard:04d}.tar"), "--maxcount", "4", "--quiet",
+            "--segmenters", "raising_segmenter:Raising", "--device", "cpu",
+            "--option", f"raising_segmenter:Raising.error={error}",
+            "--option", f"raising_segmenter:Raising.log={log}",
+            "--option", f"raising_segmenter:Raising.at={at}",
+            "--executor", ex.executor, "--workers", str(ex.workers), "--retries", "1"]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    calls = log.read_text().split() if log.exists() else []
+    if code == 2:  # refused: named as it is, no unit run twice
+        assert "raising segmenter" in err and "work unit(s) failed" not in err
+        assert len(calls) == len(set(calls)) <= 3
+        assert at == "segment" or not calls
+    else:  # transient: every unit tried 1 + --retries times, then named
+        assert "3 work unit(s) failed after retries" in err
+        assert sorted(calls) == sorted(2 * sorted(set(calls))) and len(set(calls)) == 3
+
+
+def test_pack_coco_and_index_refuse_an_unreachable_ray_address_before_work(stage_inputs, tmp_path):
+    pytest.importorskip("ray")
+    ray = ["--executor", "ray", "--ray-address", "127.0.0.1:9", "--quiet"]
+    assert main(["pack-coco", stage_inputs["annotations"], stage_inputs["images"], "-o",
+                 str(tmp_path / "bg" / "bg-{shard:04d}.tar"), *ray]) == 2
+    inst = sorted(glob.glob(str(stage_inputs["root"] / "inst" / "inst-*.tar")))
+    assert main(["index", *inst, "-o", str(tmp_path / "bank"), *ray]) == 2
+    assert not glob.glob(str(tmp_path / "*" / "*"))
+
+
+def test_pipeline_executor_table_runs_pack_coco_and_a_stage_table_overrides_its_workers(tmp_path):
+    from xpaste_stream.pipeline import load_pipeline, run_pipeline
+
+    def pipeline(name: str, stage_workers: str) -> dict:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f"""
+[pipeline]
+stages = ["scenes", "pack_coco"]
+[scenes]
+output = "{tmp_path / 'scenes'}"
+num_categories = 3
+num_images = 9
+height = 48
+width = 64
+[pack_coco]
+output = "{tmp_path / name / 'bg-{shard:04d}.tar'}"
+maxcount = 3
+{stage_workers}
+[executor]
+workers = 2
+""")
+        return run_pipeline(load_pipeline(str(path)), progress=False)["pack_coco"]
+
+    assert pipeline("table", "")["workers"] == 2
+    assert pipeline("stage", "workers = 1")["workers"] == 1
+    table, stage = shard_bytes(tmp_path / "table", "bg"), shard_bytes(tmp_path / "stage", "bg")
+    assert len(table) == 6 and table == stage
+
+
+def test_pack_coco_resume_redoes_only_unfinished_units(stage_inputs, tmp_path):
+    from xpaste_stream.pack import PackCocoConfig, run_pack_coco
+
+    cfg = PackCocoConfig(stage_inputs["annotations"], stage_inputs["images"],
+                         output=str(tmp_path / "bg-{shard:04d}.tar"), maxcount=4)
+    run_pack_coco(cfg, progress=False)
+    reference = snapshot(tmp_path)
+    before = os.stat(tmp_path / "bg-0000.tar").st_mtime_ns
+    os.remove(shards.stats_path(str(tmp_path / "bg-0001.tar")))  # killed while finishing unit 1
+    summary = run_pack_coco(cfg, progress=False, executor=ExecutorConfig(workers=2))
+    assert summary["units"] == 3 and summary["units_run"] == 1
+    assert os.stat(tmp_path / "bg-0000.tar").st_mtime_ns == before and snapshot(tmp_path) == reference
+    # stats written by a unit of another shape (an older pack-coco) are refused before work
+    stats = json.loads((tmp_path / "bg-0002.stats.json").read_text())
+    (tmp_path / "bg-0002.stats.json").write_text(json.dumps({**stats, "unit": None}))
+    with pytest.raises(ConfigError, match="the output mixes runs"):
+        run_pack_coco(cfg, progress=False)

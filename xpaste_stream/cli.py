@@ -17,9 +17,7 @@ import traceback
 
 from . import errors
 from .config import DEVICE_HELP, ConfigError, from_dict, parse_device
-from .errors import ModelLoadError
-from .executors import UnitsFailed
-from .formats import FormatError
+from .executors import REFUSALS, UnitsFailed
 from .shards import resolve_inputs
 
 # Modules that each define `register(subparsers)`; a subcommand lives beside the code it runs.
@@ -39,8 +37,9 @@ _STAGE_COMMANDS = ("run", "pack-coco", "generate", "extract", "index")
 # Stage commands whose positional shard patterns are checked before work (the stage checks kinds).
 _INPUT_PATTERNS = {"extract": "inputs", "index": "shards"}
 # Errors that are the input's or the machine's, not the program's: one line, exit status 2.
-_USER_ERRORS = (ConfigError, FormatError, ModelLoadError, FileNotFoundError, NotADirectoryError,
-                IsADirectoryError, PermissionError)
+# A work unit's refusals (executors.REFUSALS: never retried) are among them, on every executor.
+_USER_ERRORS = (*REFUSALS, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,21 +2,32 @@
 
 A stage describes its work as a picklable *job* with two methods:
 - `setup()` builds what one worker needs once (models on its device) and returns it;
-- `run(context, unit)` does one work unit (writes exactly its own shard) and returns its stats.
+- `run(context, unit)` does one work unit (writes exactly its own shard, or reads one input
+  shard: index) and returns its result (stats, a scan).
 Every executor calls the same two methods, so outputs are byte-identical whichever runs them.
+Every stage that writes shards or a bank (pack-coco, generate, extract, index) runs here.
 
-- `local`, 1 worker: this process (a prebuilt context may be passed: benchmarks, tests);
-- `local`, N workers: N spawned processes, each with its own context;
-- `ray`: N Ray actors, each holding its context (one model per GPU actor when the job asks
-  for GPUs), pulling units one at a time from this driver.
+- `local`, 1 worker (or one unit to run): this process (a prebuilt context may be passed:
+  benchmarks, tests);
+- `local`, N workers: up to N spawned processes (no more than units), each with its own context;
+- `ray`: up to N Ray actors, each holding its context (one model per GPU actor when the job asks
+  for GPUs), pulling units one at a time from this driver; an actor lost (with its node) is
+  replaced when the cluster has room, its unit retried on the others meanwhile.
 
-A unit that raises (or whose worker dies) is retried up to `retries` times; units that still
-fail are reported by name once every other unit is done (`UnitsFailed`), so finished work is
-kept and a rerun resumes. Progress is counted over all units, wherever they run.
+Which errors are retried is decided here, once, for every executor (`refused`): a refusal
+(`REFUSALS`: bad settings, inputs of the wrong format, a model that is not here) cannot be cured
+by running the unit again, so the first one stops the run and is raised as it is (the command
+exits 2, as when it is found before work), whichever executor and worker count ran it. Any other
+error of a unit (or a worker that dies) is taken as transient: the unit is retried up to
+`retries` times; units that still fail are reported by name once every other unit is done
+(`UnitsFailed`: exit 1), so finished work is kept and a rerun resumes. A worker builds its
+context (`setup`) on its first unit, so an error there follows the same rule. Progress is counted
+over all units, wherever they run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections import deque
@@ -29,6 +40,8 @@ from typing import Any, Literal, Protocol
 from tqdm import tqdm
 
 from .config import ConfigError
+from .errors import ModelLoadError
+from .formats import FormatError
 
 # test hook: "UNIT_KEY@MARKER_FILE" makes that unit raise once (the marker file remembers it)
 FAIL_ONCE_ENV = "XPASTE_FAIL_UNIT_ONCE"
@@ -50,12 +63,31 @@ class ExecutorConfig:
             raise ValueError("ray_address is given but executor is not 'ray'")
 
 
+# errors that mean "refused": never retried, raised as they are on every executor (exit 2)
+REFUSALS: tuple[type[BaseException], ...] = (ConfigError, FormatError, ModelLoadError)
+
+
+def refused(error: BaseException) -> bool:
+    """Whether a unit's error is a refusal (raised at once) rather than transient (retried)."""
+    return isinstance(error, REFUSALS)
+
+
 class UnitJob(Protocol):
     num_gpus: float
 
     def setup(self) -> Any: ...
 
     def run(self, context: Any, unit: Any) -> dict: ...
+
+
+class PlainJob:
+    """Base of a job whose workers build nothing (`setup` gives None) and need no GPU: CPU-only
+    stages (pack-coco, index)."""
+
+    num_gpus = 0.0
+
+    def setup(self) -> None:
+        return None
 
 
 class UnitsFailed(RuntimeError):
@@ -84,17 +116,19 @@ def call_unit(job: UnitJob, context: Any, unit: Any, fail_once: str | None) -> d
     return job.run(context, unit)
 
 
-def add_arguments(p) -> None:
-    """--executor, --workers, --ray-address, --retries and --overwrite for a unit stage."""
+def add_arguments(p, workers: int = 1, overwrite: bool = True) -> None:
+    """--executor, --workers, --ray-address, --retries (and --overwrite, for a stage with a run
+    manifest) for a unit stage; `workers`: the stage's default worker count."""
     g = p.add_argument_group("work units (executors.py)")
     g.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: this process or --workers spawned processes; ray: Ray actors")
-    g.add_argument("--workers", type=int, default=1, help="processes (local) or actors (ray)")
+    g.add_argument("--workers", type=int, default=workers, help="processes (local) or actors (ray)")
     g.add_argument("--ray-address", help="HOST:PORT or ray://HOST:PORT of a running cluster "
                                          "(default: join the running one or start one here)")
     g.add_argument("--retries", type=int, default=2, help="extra attempts of a failed work unit")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start over: remove the shards a run with other settings left in the output")
+    if overwrite:
+        g.add_argument("--overwrite", action="store_true",
+                       help="start over: remove the shards a run with other settings left in the output")
 
 
 def from_arguments(args) -> ExecutorConfig:
@@ -103,6 +137,19 @@ def from_arguments(args) -> ExecutorConfig:
     return from_dict(ExecutorConfig, {"executor": args.executor, "workers": args.workers,
                                       "ray_address": args.ray_address, "retries": args.retries},
                      "executor")
+
+
+def for_stage(executor: ExecutorConfig | None, workers: int | None) -> ExecutorConfig:
+    """The executor of one stage: `executor` (default: local, 1 worker) with the stage's own
+    worker count, when its settings give one (`workers` of a pipeline file's stage table)."""
+    executor = executor or ExecutorConfig()
+    return executor if workers is None else dataclasses.replace(executor, workers=workers)
+
+
+def unit_summary(units: list, todo: list, cfg: ExecutorConfig) -> dict:
+    """What a stage's summary says of its units and how they ran."""
+    return {"units": len(units), "units_run": len(todo), "executor": cfg.executor,
+            "workers": cfg.workers}
 
 
 def wants_gpu(device: str) -> bool:
@@ -147,41 +194,81 @@ def start_ray(address: str | None):
 
 
 def run_units(job: UnitJob, units: list, cfg: ExecutorConfig, *, stage: str, progress: bool = True,
-              context: Any = None, weights: list[int] | None = None) -> list[dict]:
-    """Run every unit; return their stats in the order of `units`. `weights` (inputs per unit)
-    make the progress bar count inputs rather than units."""
+              context: Any = None, weights: list[int] | None = None, desc: str | None = None,
+              unit_name: str = "img") -> list:
+    """Run every unit; return their results in the order of `units`. `weights` (inputs per unit)
+    make the progress bar (`desc`, default the stage; counting `unit_name`) count inputs rather
+    than units. Local with one unit to run works in this process, whatever `workers` says."""
     weights = weights or [1] * len(units)
     fail_once = os.environ.get(FAIL_ONCE_ENV)
-    bar = tqdm(total=sum(weights), desc=stage, unit="img", disable=not progress or not units)
+    bar = tqdm(total=sum(weights), desc=desc or stage, unit=unit_name,
+               disable=not progress or not units)
+    run = _Run(job, units, cfg, stage, bar, weights, fail_once)
     try:
         if not units:
             return []
         if cfg.executor == "ray":
-            return _run_ray(job, units, cfg, stage, bar, weights, fail_once)
-        if cfg.workers == 1:
-            return _run_here(job, units, cfg, stage, bar, weights, fail_once, context)
-        return _run_processes(job, units, cfg, stage, bar, weights, fail_once)
+            return _run_ray(run)
+        if cfg.workers == 1 or len(units) == 1:
+            return _run_here(run, context)
+        return _run_processes(run)
     finally:
         bar.close()
 
 
-def _run_here(job, units, cfg, stage, bar, weights, fail_once, context) -> list[dict]:
-    context = job.setup() if context is None else context
-    results: list[dict | None] = [None] * len(units)
-    failed: dict[str, str] = {}
-    for i, unit in enumerate(units):
-        for attempt in range(cfg.retries + 1):
-            try:
-                results[i] = call_unit(job, context, unit, fail_once)
-                break
-            except (KeyboardInterrupt, ConfigError):
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure of a unit is retried, then named
-                if attempt == cfg.retries:
-                    failed[unit_key(unit)] = f"{type(e).__name__}: {e}"
-        bar.update(weights[i])
-    _raise_failed(stage, failed)
-    return results
+@dataclass
+class _Run:
+    """One `run_units` call: its units, their results and attempts, the rule for errors."""
+
+    job: Any
+    units: list
+    cfg: ExecutorConfig
+    stage: str
+    bar: Any
+    weights: list[int]
+    fail_once: str | None
+    results: list = dataclasses.field(default_factory=list)
+    attempts: list[int] = dataclasses.field(default_factory=list)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    todo: deque = dataclasses.field(default_factory=deque)
+
+    def __post_init__(self):
+        self.results = [None] * len(self.units)
+        self.attempts = [0] * len(self.units)
+        self.todo = deque(range(len(self.units)))
+
+    def done(self, i: int, result: Any) -> None:
+        self.results[i] = result
+        self.bar.update(self.weights[i])
+
+    def error(self, i: int, error: BaseException) -> None:
+        """A refusal is raised at once; a transient error puts the unit back in the queue, or,
+        past its retries, among the failed."""
+        if refused(error):
+            raise error
+        self.attempts[i] += 1
+        if self.attempts[i] > self.cfg.retries:
+            self.failed[unit_key(self.units[i])] = f"{type(error).__name__}: {error}"
+            self.bar.update(self.weights[i])
+        else:
+            self.todo.append(i)
+
+    def finish(self) -> list:
+        if self.failed:
+            raise UnitsFailed(self.stage, self.failed)
+        return self.results
+
+
+def _run_here(run: _Run, context) -> list:
+    while run.todo:
+        i = run.todo.popleft()
+        try:
+            if context is None:
+                context = run.job.setup()
+            run.done(i, call_unit(run.job, context, run.units[i], run.fail_once))
+        except Exception as e:  # noqa: BLE001 - the rule in `_Run.error` decides
+            run.error(i, e)
+    return run.finish()
 
 
 _WORKER: dict = {}
@@ -191,101 +278,133 @@ def _init_worker(job) -> None:
     from . import errors
 
     errors.quiet_worker()
-    _WORKER["job"], _WORKER["context"] = job, job.setup()
+    _WORKER.clear()
+    _WORKER["job"] = job
 
 
 def _run_in_worker(unit, fail_once):
+    """One unit in a worker process; its context is built on the first (again after a failure)."""
+    if "context" not in _WORKER:
+        _WORKER["context"] = _WORKER["job"].setup()
     return call_unit(_WORKER["job"], _WORKER["context"], unit, fail_once)
 
 
-def _run_processes(job, units, cfg, stage, bar, weights, fail_once) -> list[dict]:
-    results: list[dict | None] = [None] * len(units)
-    attempts = [0] * len(units)
-    failed: dict[str, str] = {}
-    todo = deque(range(len(units)))
-    while todo:
-        with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"),
-                                 initializer=_init_worker, initargs=(job,)) as pool:
-            running = {}
+def _run_processes(run: _Run) -> list:
+    workers = min(run.cfg.workers, len(run.units))
+    while run.todo:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                 initializer=_init_worker, initargs=(run.job,)) as pool:
+            running: dict = {}
             broken = False
-            while (todo or running) and not broken:
-                while todo and len(running) < 2 * cfg.workers:
-                    i = todo.popleft()
-                    running[pool.submit(_run_in_worker, units[i], fail_once)] = i
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    i = running.pop(fut)
-                    try:
-                        results[i] = fut.result()
-                        bar.update(weights[i])
-                    except BrokenProcessPool as e:  # a worker died: start a new pool
-                        broken = True
-                        _retry(i, e, attempts, cfg, todo, failed, units, bar, weights)
-                    except Exception as e:  # noqa: BLE001
-                        _retry(i, e, attempts, cfg, todo, failed, units, bar, weights)
+            try:
+                while (run.todo or running) and not broken:
+                    while run.todo and len(running) < 2 * workers:
+                        i = run.todo.popleft()
+                        running[pool.submit(_run_in_worker, run.units[i], run.fail_once)] = i
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        i = running.pop(fut)
+                        try:
+                            run.done(i, fut.result())
+                        except BrokenProcessPool as e:  # a worker died: start a new pool
+                            broken = True
+                            run.error(i, e)
+                        except Exception as e:  # noqa: BLE001 - the rule in `_Run.error` decides
+                            run.error(i, e)
+            except KeyboardInterrupt:  # Ctrl-C / SIGTERM: stop now (a rerun redoes those units)
+                _stop_workers(pool)
+                raise
+            except BaseException:  # a refusal: units running finish, the others never start
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
             for i in running.values():  # the pool broke under these: run them again
-                if results[i] is None:
-                    todo.append(i)
-    _raise_failed(stage, failed)
-    return results
+                if run.results[i] is None:
+                    run.todo.append(i)
+    return run.finish()
 
 
-def _retry(i, error, attempts, cfg, todo, failed, units, bar, weights) -> None:
-    attempts[i] += 1
-    if attempts[i] > cfg.retries:
-        failed[unit_key(units[i])] = f"{type(error).__name__}: {error}"
-        bar.update(weights[i])
-    else:
-        todo.append(i)
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM every worker of `pool` (they ignore SIGINT: quiet_worker), then let it go."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _raise_failed(stage: str, failed: dict[str, str]) -> None:
-    if failed:
-        raise UnitsFailed(stage, failed)
+ACTOR_START_S = 300.0  # the longest wait for a Ray actor to start when no unit is running
 
 
-def _run_ray(job, units, cfg, stage, bar, weights, fail_once) -> list[dict]:
-    ray = start_ray(cfg.ray_address)
-    actor_class = ray.remote(num_cpus=1, num_gpus=job.num_gpus)(_UnitActor)
-    actors = [actor_class.remote(job, fail_once) for _ in range(cfg.workers)]
-    spawned = list(actors)
-    results: list[dict | None] = [None] * len(units)
-    attempts = [0] * len(units)
-    failed: dict[str, str] = {}
-    todo = deque(range(len(units)))
-    idle = deque(actors)
+def _run_ray(run: _Run) -> list:
+    """Units are sent only to actors that answered `ready`: an actor replacing one lost with its
+    node may wait for room on the cluster while the others carry on; with nothing running and no
+    actor started for ACTOR_START_S seconds, the units left are named as failed."""
+    ray = start_ray(run.cfg.ray_address)
+    actor_class = ray.remote(num_cpus=1, num_gpus=run.job.num_gpus)(_UnitActor)
+    spawned: list = []
+    starting: dict = {}  # ready() ref -> actor not yet answering
+    most = run.cfg.workers + len(run.units) * (run.cfg.retries + 1)  # actors ever started
+
+    def spawn() -> None:
+        if len(spawned) < most:
+            actor = actor_class.remote(run.job, run.fail_once)
+            spawned.append(actor)
+            starting[actor.ready.remote()] = actor
+
+    for _ in range(min(run.cfg.workers, len(run.units))):
+        spawn()
+    idle: deque = deque()
     running: dict = {}
     try:
-        while todo or running:
-            while todo and idle:
-                actor, i = idle.popleft(), todo.popleft()
-                running[actor.run.remote(units[i])] = (i, actor)
-            ready, _ = ray.wait(list(running), num_returns=1)
+        while run.todo or running:
+            while run.todo and idle:
+                actor, i = idle.popleft(), run.todo.popleft()
+                running[actor.run.remote(run.units[i])] = (i, actor)
+            waiting = [*running, *starting]
+            ready = ray.wait(waiting, num_returns=1, timeout=ACTOR_START_S)[0] if waiting else []
+            if not ready and not running:  # no actor to run the units left, nor one coming
+                why = (f"no Ray actor started in {ACTOR_START_S:.0f} s" if waiting else
+                       f"every Ray actor was lost ({len(spawned)} started)")
+                for i in run.todo:
+                    run.failed[unit_key(run.units[i])] = \
+                        f"{why} (cluster resources free: {ray.available_resources()})"
+                break
             for ref in ready:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(actor)
+                    except ray.exceptions.RayActorError:  # lost before it started: another
+                        spawn()
+                    continue
                 i, actor = running.pop(ref)
                 try:
-                    results[i] = ray.get(ref)
-                    bar.update(weights[i])
-                except ray.exceptions.RayActorError as e:  # the actor died: replace it
-                    actor = actor_class.remote(job, fail_once)
-                    spawned.append(actor)
-                    _retry(i, e, attempts, cfg, todo, failed, units, bar, weights)
+                    run.done(i, ray.get(ref))
+                    idle.append(actor)
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+                    # the actor, or its node (and the result kept there), is gone: another
+                    ray.kill(actor)
+                    spawn()
+                    run.error(i, e)
                 except ray.exceptions.RayTaskError as e:
-                    _retry(i, e.cause if e.cause is not None else e, attempts, cfg, todo, failed,
-                           units, bar, weights)
-                idle.append(actor)
+                    idle.append(actor)
+                    run.error(i, e.cause if e.cause is not None else e)
     finally:
         for actor in spawned:
             ray.kill(actor)
-    _raise_failed(stage, failed)
-    return results
+    return run.finish()
 
 
 class _UnitActor:
-    """A Ray actor holding one worker context (a model on its GPU), running units it is sent."""
+    """A Ray actor holding one worker context (a model on its GPU), running units it is sent;
+    the context is built on its first unit (again after a failure), like a local worker's."""
 
     def __init__(self, job, fail_once):
-        self.job, self.fail_once, self.context = job, fail_once, job.setup()
+        self.job, self.fail_once, self.context = job, fail_once, None
 
-    def run(self, unit) -> dict:
+    def ready(self) -> bool:
+        return True
+
+    def run(self, unit):
+        if self.context is None:
+            self.context = self.job.setup()
         return call_unit(self.job, self.context, unit, self.fail_once)

@@ -56,14 +56,14 @@ class ScenesConfig:
 class IndexConfig:
     inputs: list[str]
     output: str = "runs/xpaste/bank"
-    workers: int = 2
+    workers: int | None = None  # None: the pipeline's [executor] workers
     dedup: bool = False
     min_clip: float | None = None  # X-Paste filter: keep score >= min(min_clip, best_c - 1); 21
 
     def validate(self) -> None:
         if not self.inputs:
             raise ValueError("inputs: no instance shards given")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be >= 1")
 
     def check_inputs(self) -> list[str]:
@@ -117,7 +117,9 @@ class PipelineConfig:
     extract: ExtractConfig | None = None
     index: IndexConfig | None = None
     loader: LoaderSection | None = None  # what the training loader reads; not a stage
-    executor: ExecutorConfig | None = None  # how generate and extract run their work units
+    # how pack_coco, generate, extract and index run their work units; a stage table's
+    # `workers` (pack_coco, index) overrides the worker count for that stage
+    executor: ExecutorConfig | None = None
 
     def validate(self) -> None:
         for stage in self.pipeline.stages:
@@ -234,8 +236,7 @@ def _run_stage(cfg: PipelineConfig, stage: str, progress: bool) -> dict:
             lvis=s.lvis, seed=s.seed))
         return {"annotations": path, "images": os.path.join(s.output, "images")}
     if stage == "pack_coco":
-        cfg.pack_coco.check_inputs()
-        return run_pack_coco(cfg.pack_coco, progress)
+        return run_pack_coco(cfg.pack_coco, progress, executor=cfg.executor)
     if stage == "generate":
         return run_generate(cfg.generate, progress, executor=cfg.executor)
     if stage == "extract":
@@ -245,7 +246,7 @@ def _run_stage(cfg: PipelineConfig, stage: str, progress: bool) -> dict:
 
         i = cfg.index
         summary = build_index(i.check_inputs(), i.output, workers=i.workers, dedup=i.dedup,
-                              min_clip=i.min_clip, progress=progress)
+                              min_clip=i.min_clip, progress=progress, executor=cfg.executor)
         return {k: v for k, v in summary.items() if k != "shards_read"}
     raise ConfigError(f"unknown stage {stage!r}")
 

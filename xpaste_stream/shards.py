@@ -16,6 +16,7 @@ shard's DALI index lists them. `resolve_inputs` checks input shards before any w
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -266,6 +267,17 @@ class ShardWriter:
         for leftover in (name + ".tmp", name, dali_index_path(name)):
             urls.remove(leftover)
 
+    @contextlib.contextmanager
+    def writing_unit(self, shard_index: int, input_start: int, unit: str) -> Iterator[ShardWriter]:
+        """`start_unit`, then the block: one that raises (Ctrl-C too) leaves no shard without
+        stats (`abort_unit`), so the next run redoes the unit."""
+        self.start_unit(shard_index, input_start, unit)
+        try:
+            yield self
+        except BaseException:
+            self.abort_unit()
+            raise
+
     def finish_unit(self, input_end: int | None = None) -> dict:
         """Finish the unit's shard (stats even when it holds nothing: the unit is done);
         `input_end`: the end of the unit's input range, when its last inputs gave nothing."""
@@ -442,6 +454,18 @@ class ShardWriter:
         urls.write_bytes(stats_path(name), json.dumps(stats, indent=1).encode())
         self._keep(stats, name)
         self.next_shard += 1
+
+
+def gather_units(stage: str, pattern: str, shards: list[int], *, maxcount: int, maxsize: int,
+                 run: str) -> tuple[dict, ShardWriter]:
+    """Once a unit stage's units ran (wherever): the totals over its finished shards `shards`,
+    the shard set's rejects list rebuilt, the lock released, and the outcome recorded for the
+    error policy; the writer comes back for its shard names."""
+    writer = ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, run=run)
+    writer.gather(shards)
+    summary = writer.close()
+    errors.record(writer.outcome(stage, summary))
+    return summary, writer
 
 
 def unit_finished(pattern: str, unit: str, shard: int, run: str) -> bool:

@@ -2,7 +2,8 @@
 
 1. Identify every shard (path, size, mtime). Shards the previous bank in `out_dir` indexed with
    the same identity are reused from its columns; only new or changed shards are read.
-2. Read those shards in parallel (a process pool, one shard per task) with `scan_shard`.
+2. Read those shards with `scan_shard`, one work unit per shard, on any executor (executors.py:
+   this process, local processes, Ray); the rest runs once, here.
 3. With `min_clip`, drop the X-Paste CLIP filter's rejects: a scored instance is kept when its
    score >= min(min_clip, best score of its category - 1), a global bar relaxed per category so
    no category is emptied. The bar needs every score of a category, hence here and not in
@@ -27,14 +28,15 @@ the records of reused shards.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from .. import errors, urls
+from ..config import check
+from ..executors import ExecutorConfig, PlainJob, for_stage, run_units, start_ray
 from ..formats import INSTANCE_SCHEMAS
 from ..remote import check_location
 from ..shards import resolve_inputs
@@ -58,15 +60,21 @@ from .tarscan import ROW_DTYPE, ShardScan, scan_shard
 DEDUP_METHOD = "dhash64-exact-per-category"
 
 
-def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool = False,
-                progress: bool = True, min_clip: float | None = None) -> dict:
+def build_index(shards: list[str], out_dir: str, workers: int | None = None, dedup: bool = False,
+                progress: bool = True, min_clip: float | None = None,
+                executor: ExecutorConfig | None = None) -> dict:
     """Index instance shards into the bank folder `out_dir`; return a summary dict.
+
+    The shards to read are work units on `executor` (default: local, `workers` or 1 worker):
+    the bank is the same whichever runs them.
 
     Rerunning with more shards reads only the new ones. A truncated shard is indexed up to its
     last whole sample and listed under "truncated"; a damaged sample is skipped and listed in
     `rejects.jsonl`; a missing shard, or one that is not an instance shard, raises before work.
     """
     started = time.time()
+    executor = for_stage(executor, workers)
+    check(executor, "index")
     paths = list(dict.fromkeys(sources.normalise(s) for s in shards))
     if not paths:
         raise BankError("no shards to index")
@@ -79,7 +87,9 @@ def build_index(shards: list[str], out_dir: str, workers: int = 2, dedup: bool =
     to_read = [i for i in range(len(paths)) if i not in reused]
     if to_read:
         resolve_inputs([paths[i] for i in to_read], schema=INSTANCE_SCHEMAS, stage="index")
-    scans = _scan_all([paths[i] for i in to_read], workers, dedup, progress)
+        if executor.executor == "ray":
+            start_ray(executor.ray_address)
+    scans = _scan_all([paths[i] for i in to_read], executor, dedup, progress)
     kept_rejects = _previous_rejects(out_dir, {paths[i] for i in reused})
 
     table, per_shard, rejects = [], [], []
@@ -186,32 +196,22 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _scan_all(paths: list[str], workers: int, dedup: bool, progress: bool) -> dict[str, ShardScan]:
-    bar = tqdm(total=len(paths), desc="index shards", unit="shard", disable=not progress)
-    tasks = [(p, dedup) for p in paths]
-    scans = {}
-    if workers <= 1 or len(paths) <= 1:
-        for task in tasks:
-            scan = _scan_task(task)
-            scans[scan.url] = scan
-            bar.update()
-    else:
-        # quiet_worker: SIGTERM ends a worker without the parent's handler (no tracebacks);
-        # close + join on success: the pool's __exit__ alone terminates (SIGTERMs) its workers
-        with multiprocessing.get_context().Pool(min(workers, len(paths)),
-                                                initializer=errors.quiet_worker) as pool:
-            for scan in pool.imap_unordered(_scan_task, tasks):
-                scans[scan.url] = scan
-                bar.update()
-            pool.close()
-            pool.join()
-    bar.close()
-    return scans
+@dataclass
+class ScanJob(PlainJob):
+    """Reading instance shards as work units, one input shard each (picklable: sent to
+    processes and actors); the merge, sort and write of the columns stay in the driver."""
+
+    dedup: bool
+
+    def run(self, context, path: str) -> ShardScan:
+        return scan_shard(path, hash_images=self.dedup)
 
 
-def _scan_task(task: tuple[str, bool]) -> ShardScan:
-    url, dedup = task
-    return scan_shard(url, hash_images=dedup)
+def _scan_all(paths: list[str], executor: ExecutorConfig, dedup: bool,
+              progress: bool) -> dict[str, ShardScan]:
+    scans = run_units(ScanJob(dedup), paths, executor, stage="index", progress=progress,
+                      desc="index shards", unit_name="shard")
+    return dict(zip(paths, scans, strict=True))
 
 
 def _concat(per_shard: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import urls
+from .. import executors, urls
 from .build import build_index
 from .layout import STATS
 
@@ -18,20 +18,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("shards", nargs="+", metavar="SHARDS",
                    help="instance shards: paths, brace patterns ({000000..000099}) or globs")
     p.add_argument("-o", "--output", required=True, metavar="BANK", help="bank folder")
-    p.add_argument("--workers", type=int, default=2, help="processes reading shards (default 2)")
     p.add_argument("--dedup", action="store_true",
                    help="drop near-duplicate images per category (decodes each jpg once to hash it)")
     p.add_argument("--min-clip", type=float, default=None, metavar="SCORE",
                    help="X-Paste CLIP filter: keep an instance if its score >= min(SCORE, best "
                         "score of its category - 1); 21 in the published recipe (default: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    executors.add_arguments(p, workers=2, overwrite=False)
     p.set_defaults(func=run_index)
 
 
 def run_index(args: argparse.Namespace) -> int:
     shards = urls.expand(args.shards)
-    summary = build_index(shards, args.output, workers=args.workers, dedup=args.dedup,
-                          progress=not args.quiet, min_clip=args.min_clip)
+    summary = build_index(shards, args.output, dedup=args.dedup, progress=not args.quiet,
+                          min_clip=args.min_clip, executor=executors.from_arguments(args))
     print(format_summary(summary))
     return 0
 

@@ -32,9 +32,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from .. import errors, formats, urls
+from .. import formats, urls
 from ..config import ConfigError, check
-from ..executors import ExecutorConfig, run_units, start_ray, wants_gpu
+from ..executors import ExecutorConfig, run_units, start_ray, unit_summary, wants_gpu
 from ..manifest import (
     RunManifest,
     identity_location,
@@ -49,6 +49,7 @@ from ..shards import (
     TarDamage,
     check_components,
     check_output_pattern,
+    gather_units,
     index_keys,
     iter_tar,
     read_stats,
@@ -415,8 +416,7 @@ def extract_unit(cfg: ExtractConfig, fingerprint: str, segmenters: list, scorer:
     """One work unit -> exactly its instance shard, stats and rejects/ tar; the same under
     every executor."""
     writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=fingerprint)
-    writer.start_unit(unit.shard, unit.start, unit.key)
-    try:
+    with writer.writing_unit(unit.shard, unit.start, unit.key):
         rejects = None if cfg.rejects == "none" else RejectsWriter(
             writer, cfg.thumbnail_side if cfg.rejects == "thumbnails" else None)
         damage: list[TarDamage] = []
@@ -447,9 +447,6 @@ def extract_unit(cfg: ExtractConfig, fingerprint: str, segmenters: list, scorer:
         if rejects is not None:
             rejects.close()
         return stats
-    except BaseException:
-        writer.abort_unit()
-        raise
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True, scorer: ClipScorer | None = None,
@@ -482,18 +479,15 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, scorer: ClipScorer | 
         and wants_gpu(cfg.device) else 0.0
     run_units(ExtractJob(cfg, fingerprint, gpus), todo, executor, stage="extract", progress=progress,
               context=context, weights=[u.end - u.start for u in todo])
-    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=fingerprint)
     shard_numbers = sorted({u.shard for u in units} | set(run.units.values()))
-    writer.gather(shard_numbers)
-    summary = writer.close()
-    errors.record(writer.outcome("extract", summary))
+    summary, writer = gather_units("extract", cfg.output, shard_numbers, maxcount=cfg.maxcount,
+                                   maxsize=cfg.maxsize, run=fingerprint)
     summary["damaged_inputs"] = [d for n in shard_numbers
                                  for d in (read_stats(writer.names[n]) or {}).get("damaged_inputs", [])
                                  if d["what"] == "shard"]
     summary["selection"] = cfg.selection
     summary["segmenters"] = list(cfg.segmenters)
-    summary.update(units=len(units), units_run=len(todo), executor=executor.executor,
-                   workers=executor.workers, absent_inputs=absent)
+    summary.update(**unit_summary(units, todo, executor), absent_inputs=absent)
     return summary
 
 

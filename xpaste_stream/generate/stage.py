@@ -21,10 +21,10 @@ from typing import Literal
 
 from .. import errors, formats, urls
 from ..config import ConfigError, check
-from ..executors import ExecutorConfig, run_units, start_ray, wants_gpu
+from ..executors import ExecutorConfig, run_units, start_ray, unit_summary, wants_gpu
 from ..manifest import file_fingerprint, input_identity, open_run, settings_of
 from ..remote import check_location
-from ..shards import ShardWriter, check_output_pattern, unit_finished
+from ..shards import ShardWriter, check_output_pattern, gather_units, unit_finished
 from . import procedural
 from .base import Failure, Generator, WorkItem
 from .folder import FolderConfig, FolderGenerator
@@ -190,13 +190,9 @@ def generate_unit(job: GenerateJob, gen: Generator, unit: GenerateUnit) -> dict:
     """One work unit -> exactly its shard (and stats); the same under every executor."""
     cfg = job.cfg
     writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=job.fingerprint)
-    writer.start_unit(unit.shard, unit.start, unit.key)
-    try:
+    with writer.writing_unit(unit.shard, unit.start, unit.key):
         _generate_items(cfg, gen, writer, _unit_items(cfg, job.cats, job.counts, unit))
         return writer.finish_unit(unit.end)
-    except BaseException:
-        writer.abort_unit()
-        raise
 
 
 def _generate_items(cfg: GenerateConfig, gen: Generator, writer: ShardWriter,
@@ -250,12 +246,9 @@ def run_generate(cfg: GenerateConfig, progress: bool = True,
     run_units(job, todo, executor, stage="generate", progress=progress,
               context=gen if in_process else None,
               weights=[max(1, sum(1 for _ in _unit_items(cfg, cats, counts, u))) for u in todo])
-    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=run.fingerprint)
-    writer.gather([u.shard for u in units])
-    summary = writer.close()
-    errors.record(writer.outcome("generate", summary))
-    return {**summary, "generator": gen.name, "units": len(units), "units_run": len(todo),
-            "executor": executor.executor, "workers": executor.workers, **gen.report()}
+    summary, _ = gather_units("generate", cfg.output, [u.shard for u in units], maxcount=cfg.maxcount,
+                              maxsize=cfg.maxsize, run=run.fingerprint)
+    return {**summary, "generator": gen.name, **unit_summary(units, todo, executor), **gen.report()}
 
 
 def _check_model_before_work(cfg: GenerateConfig) -> None:

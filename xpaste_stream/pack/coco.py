@@ -1,7 +1,9 @@
 """pack-coco: a COCO or LVIS annotation file plus its image folder -> background shards.
 
-Reader (annotation file, via `lvis` / pycocotools) -> workers -> writer (ShardWriter: atomic
-shards, DALI index, stats, rejects list). Images are stored as they are (no re-encoding).
+Reader (annotation file, via `lvis` / pycocotools) -> work units of `maxcount` images (sorted by
+id) on any executor (executors.py: this process, local processes, Ray) -> one shard per unit
+(ShardWriter: atomic shards, DALI index, stats, rejects list), byte-identical whichever runs them.
+Images are stored as they are (no re-encoding).
 
 Two passes, because each background carries its LVIS repeat factor and that factor depends on
 which images are packed: first every image is checked (read, decoded, its annotations checked;
@@ -20,17 +22,16 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from .. import errors, formats, urls
+from .. import formats, urls
 from ..config import ConfigError, check
+from ..executors import ExecutorConfig, PlainJob, for_stage, run_units, start_ray, unit_summary
 from ..manifest import input_identity, open_run, settings_of
 from ..remote import check_location
-from ..shards import ShardWriter, check_output_pattern
+from ..shards import ShardNames, ShardWriter, check_output_pattern, gather_units, unit_finished
 
 LVIS_RARE_MAX, LVIS_COMMON_MAX = 10, 100  # LVIS frequency groups by training image count
 
@@ -44,14 +45,14 @@ class PackCocoConfig:
     repeat_threshold: float = 0.001    # LVIS repeat-factor sampling t
     verify_images: bool = True         # decode every image once to catch corrupt files
     allow_outside_images: bool = False  # file_names may be absolute or climb out with `..`
-    workers: int = 2
+    workers: int | None = None         # None: the executor's (pipeline [executor], --workers)
     maxcount: int = 1000
     maxsize: int = 1 << 30
 
     def validate(self) -> None:
         if not 0 < self.repeat_threshold < 1:
             raise ValueError("repeat_threshold must be in (0, 1)")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be >= 1")
         if self.maxcount < 1 or self.maxsize < 1:
             raise ValueError(f"maxcount {self.maxcount} and maxsize {self.maxsize} must be >= 1")
@@ -240,12 +241,7 @@ def _image_problem(image: dict, image_dir: str, verify: bool,
     if isinstance(data, tuple):
         return data
     try:
-        formats.check_image_header(data, path)
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, size = im.format, im.size
-            formats.check_pil_size(im, path)
-            if verify:
-                im.load()
+        fmt, size = _open_checked(data, path, load=verify)
     except formats.FormatError as e:
         return "image_too_large", str(e)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -256,6 +252,18 @@ def _image_problem(image: dict, image_dir: str, verify: bool,
         return "size_mismatch", (f"{path}: file is {size[0]}x{size[1]}, annotation says "
                                  f"{image['width']}x{image['height']}")
     return None
+
+
+def _open_checked(data: bytes, path: str, load: bool) -> tuple[str | None, tuple[int, int]]:
+    """(PIL format, size) of image bytes whose declared size is within bounds (FormatError if
+    not, before anything decodes them); `load`: decode every pixel (a corrupt file raises)."""
+    formats.check_image_header(data, path)
+    with Image.open(io.BytesIO(data)) as im:
+        fmt, size = im.format, im.size
+        formats.check_pil_size(im, path)
+        if load:
+            im.load()
+    return fmt, size
 
 
 def _read(path: str) -> bytes | tuple[str, str]:
@@ -298,10 +306,7 @@ def pack_image(task: tuple) -> dict | tuple[str, str]:
     if isinstance(data, tuple):
         return data
     try:
-        formats.check_image_header(data, path)
-        with Image.open(io.BytesIO(data)) as im:
-            ext = _EXTENSIONS.get(im.format)
-            formats.check_pil_size(im, path)
+        ext = _EXTENSIONS.get(_open_checked(data, path, load=False)[0])
     except (OSError, ValueError, SyntaxError) as e:
         return "corrupt_image", f"{path}: changed since it was checked ({type(e).__name__}: {e})"
     if ext is None:
@@ -317,11 +322,76 @@ def pack_image(task: tuple) -> dict | tuple[str, str]:
         repeat_factor=rf)
 
 
+# -- work units ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackUnit:
+    """Images [start, end) of the sorted image list, written as shard `shard` (= the unit's
+    number): a fixed range whatever else is packed, so a rerun skips the units whose shard
+    stats exist. It carries its images, their annotations and (pass 2) their checks, so a
+    worker needs nothing else of the annotation file."""
+
+    key: str
+    shard: int
+    start: int
+    end: int
+    images: tuple
+    anns: tuple                # per image: its annotations (pass 1) or those kept (pass 2)
+    checks: tuple = ()         # pass 2: each image's ImageCheck
+
+
+@dataclass
+class CheckJob(PlainJob):
+    """Pass 1 as work units: each image checked (picklable: sent to processes and actors)."""
+
+    images: str
+    known: set
+    verify: bool
+    allow_outside: bool
+
+    def run(self, context, unit: PackUnit) -> list[ImageCheck]:
+        return [check_image((im, anns, self.images, self.known, self.verify, self.allow_outside))
+                for im, anns in zip(unit.images, unit.anns, strict=True)]
+
+
+@dataclass
+class PackJob(PlainJob):
+    """Pass 2 as work units: one unit -> exactly its shard and stats, under every executor."""
+
+    cfg: PackCocoConfig
+    repeat_factors: dict
+    fingerprint: str
+
+    def run(self, context, unit: PackUnit) -> dict:
+        cfg = self.cfg
+        writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize,
+                             run=self.fingerprint)
+        with writer.writing_unit(unit.shard, unit.start, unit.key):
+            for position, im, anns, c in zip(range(unit.start, unit.end), unit.images, unit.anns,
+                                             unit.checks, strict=True):
+                source, key = image_path(im, cfg.images), image_key(im)
+                result = c.failure or pack_image((im, anns, cfg.images, self.repeat_factors))
+                if isinstance(result, tuple):
+                    writer.fail(position, *result, source=source, key=key)
+                else:
+                    writer.add(position, result, source=source, dropped=c.dropped)
+            return writer.finish_unit(unit.end)
+
+
+def plan_units(images: list[dict], anns: list[list[dict]], maxcount: int,
+               checks: list[ImageCheck] | None = None) -> list[PackUnit]:
+    """`maxcount` images per unit, in image order; with `checks`, the kept annotations only."""
+    if checks is not None:
+        anns = [[a[i] for i in c.kept] for a, c in zip(anns, checks, strict=True)]
+    return [PackUnit(f"images-{a:09d}-{min(a + maxcount, len(images)):09d}", u, a,
+                     min(a + maxcount, len(images)), tuple(images[a:a + maxcount]),
+                     tuple(anns[a:a + maxcount]),
+                     tuple(checks[a:a + maxcount]) if checks is not None else ())
+            for u, a in enumerate(range(0, len(images), maxcount))]
+
+
 # -- driver ------------------------------------------------------------------------------
-
-
-def _map(fn, tasks, pool):
-    return pool.imap(fn, tasks, chunksize=8) if pool is not None else map(fn, tasks)
 
 
 def _sort_key(image: dict):
@@ -343,70 +413,60 @@ def run_settings(cfg: PackCocoConfig) -> dict:
     return settings
 
 
-def run_pack_coco(cfg: PackCocoConfig, progress: bool = True, overwrite: bool = False) -> dict:
+def run_pack_coco(cfg: PackCocoConfig, progress: bool = True, overwrite: bool = False,
+                  executor: ExecutorConfig | None = None) -> dict:
+    """Pack as work units (pass 1 and pass 2: `maxcount` images each) on `executor` (default:
+    local, `cfg.workers` or 1 worker); the shards are the same whichever runs them."""
     check(cfg, "pack-coco")
+    executor = for_stage(executor, cfg.workers)
+    check(executor, "pack-coco")
     cfg.check_inputs()
     check_location(cfg.output)
     run = open_run("pack-coco", cfg.output, run_settings(cfg), overwrite=overwrite)
     ds, is_lvis = load_dataset(cfg.annotations)
-    run.save()  # the inputs are readable: work starts
     images = sorted(ds.dataset["images"], key=_sort_key)
     anns_of: dict = {}
     for a in ds.dataset["annotations"]:
         anns_of.setdefault(a.get("image_id"), []).append(a)
+    anns = [anns_of.get(im.get("id"), []) for im in images]
+    if images:
+        try:  # a brace range naming too few shards: refused before work
+            ShardNames(cfg.output)[(len(images) - 1) // cfg.maxcount]
+        except ValueError as e:
+            raise ConfigError(f"pack-coco: {e}") from None
+    units = plan_units(images, anns, cfg.maxcount)
+    # finished units, known before work (stats of another run or unit refuse the output here)
+    finished = {u.shard for u in units if unit_finished(cfg.output, u.key, u.shard, run.fingerprint)}
+    if executor.executor == "ray":
+        start_ray(executor.ray_address)
+    run.save()  # the inputs are readable: work starts
     known = {c["id"] for c in ds.dataset["categories"]}
-    with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(get_context("spawn").Pool(
-            cfg.workers, initializer=errors.quiet_worker)) if cfg.workers > 1 else None
-        checks = _check_all(images, anns_of, known, cfg, pool, progress)
-        summary = _pack_all(images, anns_of, checks, is_lvis, ds.dataset["categories"], cfg, pool,
-                            progress, run.fingerprint)
-    return summary
+    checked = run_units(CheckJob(cfg.images, known, cfg.verify_images, cfg.allow_outside_images),
+                        units, executor, stage="pack-coco: check", progress=progress,
+                        weights=[u.end - u.start for u in units])
+    checks = [c for unit_checks in checked for c in unit_checks]
+    return _pack_all(images, anns, checks, is_lvis, ds.dataset["categories"], cfg, executor,
+                     progress, run.fingerprint, finished)
 
 
-def _check_all(images: list[dict], anns_of: dict, known: set, cfg: PackCocoConfig, pool,
-               progress: bool) -> list[ImageCheck]:
-    """Pass 1: which images and annotations are packed."""
-    tasks = ((im, anns_of.get(im.get("id"), []), cfg.images, known, cfg.verify_images,
-              cfg.allow_outside_images) for im in images)
-    checks = []
-    with tqdm(total=len(images), desc="pack-coco: check", unit="img", disable=not progress) as bar:
-        for result in _map(check_image, tasks, pool):
-            checks.append(result)
-            bar.update(1)
-    return checks
-
-
-def _pack_all(images: list[dict], anns_of: dict, checks: list[ImageCheck], is_lvis: bool,
-              categories: list[dict], cfg: PackCocoConfig, pool, progress: bool, run: str) -> dict:
-    """categories.json over the images that pass, then pass 2: pack them."""
-    packed = [(im, [anns_of[im["id"]][i] for i in c.kept]) for im, c in zip(images, checks, strict=True)
+def _pack_all(images: list[dict], anns: list[list[dict]], checks: list[ImageCheck], is_lvis: bool,
+              categories: list[dict], cfg: PackCocoConfig, executor: ExecutorConfig,
+              progress: bool, run: str, finished: set[int]) -> dict:
+    """categories.json over the images that pass, then pass 2: pack the units not finished."""
+    packed = [(im, [a[i] for i in c.kept]) for im, a, c in zip(images, anns, checks, strict=True)
               if c.failure is None]
     table = category_table(categories, [im for im, _ in packed],
-                           [a for _, anns in packed for a in anns], is_lvis, cfg.repeat_threshold)
+                           [a for _, kept in packed for a in kept], is_lvis, cfg.repeat_threshold)
     doc = {"schema": formats.CATEGORIES_SCHEMA, "dataset": "lvis" if is_lvis else "coco",
            "source": os.path.abspath(cfg.annotations), "num_images": len(packed),
            "repeat_threshold": cfg.repeat_threshold, "categories": table}
     urls.write_bytes(cfg.categories_path(), json.dumps(doc, indent=1).encode())
 
     repeat_factors = {c["id"]: c["repeat_factor"] for c in table}
-    writer = ShardWriter(cfg.output, maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=run)
-    start = writer.resume()
-    todo = list(enumerate(zip(images, checks, strict=True)))[start:]
-    tasks = ((im, [anns_of[im["id"]][i] for i in c.kept], cfg.images, repeat_factors)
-             for _, (im, c) in todo if c.failure is None)
-    results = _map(pack_image, tasks, pool)
-    with tqdm(total=len(images), initial=start, desc="pack-coco", unit="img",
-              disable=not progress) as bar:
-        for position, (im, c) in todo:
-            source, key = image_path(im, cfg.images), image_key(im)
-            result = c.failure or next(results)
-            if isinstance(result, tuple):
-                writer.fail(position, *result, source=source, key=key)
-            else:
-                writer.add(position, result, source=source, dropped=c.dropped)
-            bar.update(1)
-    summary = writer.close()
-    summary["categories"] = cfg.categories_path()
-    errors.record(writer.outcome("pack-coco", summary))
-    return summary
+    units = plan_units(images, anns, cfg.maxcount, checks)
+    todo = [u for u in units if u.shard not in finished]
+    run_units(PackJob(cfg, repeat_factors, run), todo, executor, stage="pack-coco",
+              progress=progress, weights=[u.end - u.start for u in todo])
+    summary, _ = gather_units("pack-coco", cfg.output, [u.shard for u in units],
+                              maxcount=cfg.maxcount, maxsize=cfg.maxsize, run=run)
+    return {**summary, "categories": cfg.categories_path(), **unit_summary(units, todo, executor)}
