@@ -23,7 +23,7 @@ from xpaste_stream.loader.detectron2 import (
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 needs_detectron2 = pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (not on PyPI; "
-                                      "pip install 'git+https://github.com/facebookresearch/detectron2.git')")
+                                      "build it from source as README.md's detectron2 section shows)")
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "pipelines", "detectron2_lvis_xpaste.yaml")
 
 

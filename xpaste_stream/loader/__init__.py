@@ -7,23 +7,11 @@ Names are imported on first use, so registering the `demo` and `bench` commands 
 a PasteConfig) does not load torch, DALI and numba.
 """
 
-import importlib
+from ..lazy import lazy_exports
 
-_EXPORTS = {
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "config": ("LoaderConfig", "PasteConfig"),
     "detectron2": ("to_detectron2",),
     "loader": ("Batch", "CopyPasteLoader", "LoaderError", "check_bank_matches"),
     "plan": ("PastePlan",),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+})

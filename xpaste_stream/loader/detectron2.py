@@ -20,7 +20,7 @@ import os
 import torch
 
 INSTALL_HINT = ("detectron2 is not installed; install it from https://github.com/facebookresearch/detectron2 "
-                "(pip install 'git+https://github.com/facebookresearch/detectron2.git'), or use the "
+                "(built from its source as README.md's detectron2 section shows), or use the "
                 "torchvision-format `batch.targets` directly")
 
 # cfg.XPASTE: what build_xpaste_train_loader reads besides SOLVER.IMS_PER_BATCH, INPUT.FORMAT,
