@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -348,6 +349,8 @@ def feed_run(spec: dict, paste) -> dict:
 
     pipe = feed(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=2,
                 py_num_workers=workers, py_start_method="fork")
+    gc.collect()                      # as the loader does: what the workers share stays frozen
+    gc.freeze()
     pipe.start_py_workers()
     pipe.build()
     pipe.run()

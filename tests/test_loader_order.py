@@ -7,6 +7,7 @@ Tests taking `device` also run on GPU 0 when CUDA is present (skipped with a rea
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import tarfile
@@ -121,8 +122,12 @@ def test_lifecycle_len_set_epoch_and_torchrun_env(dataset, monkeypatch):
         assert len(loader) == 3 and len(list(loader)) == 3 and loader.epoch == 1
         loader.set_epoch(5)
         assert loader.state_dict()["epoch"] == 5 and len(list(loader)) == 3
-        pipe = loader._pipe
+        pipe, workers = loader._pipe, loader.worker_pids()
+        # what its forked workers share stays frozen in this process (no copy-on-write by
+        # this process's collections) until close()
+        assert gc.get_freeze_count() > 0 and workers
     assert loader._pipe is None and pipe is not None  # closed on leaving the block
+    assert gc.get_freeze_count() == 0
     with CopyPasteLoader(urls, bank, paste(), batch_size=4, workers=0, drop_last=True,
                          rank=0, world_size=1) as loader:
         assert len(loader) == 2 and sum(len(b.targets) for b in loader) == 8
