@@ -1,5 +1,9 @@
 """Every benchmark runs its whole path in `--quick` mode, so a schema or API change breaks a test
-and not a user; quick runs write their JSON elsewhere, never over benchmarks/results/."""
+and not a user; quick runs write their JSON elsewhere, never over benchmarks/results/.
+
+The quick runs start together, two at a time (each on one compute thread, `quickmode.py`: two
+cores' worth, as on CI), longest first, and each test waits for its own: about half
+the time of one after the other (8 runs, ~108 s in a row on the 2-core machine)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -20,6 +25,9 @@ SCRIPTS = {"bench_bank.py": "bank.json", "bench_feed.py": "feed.json",
            "bench_extract.py": "extract.json", "bench_train.py": "train",
            "bench_scale.py": "scale.json", "bench_loader.py": None}
 TIMEOUT_S = 300
+LONGEST_FIRST = ("bench_scale_out.py", "bench_scale.py", "bench_extract.py", "bench_train.py",
+                 "bench_generate.py", "bench_loader.py", "bench_feed.py", "bench_bank.py")
+AT_ONCE = 2
 
 
 def run_script(script: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
@@ -44,22 +52,37 @@ def written_json(out: str) -> dict:
         return json.load(f)
 
 
+def quick_run(script: str, folder: str) -> subprocess.CompletedProcess:
+    os.makedirs(folder, exist_ok=True)
+    out = SCRIPTS[script]
+    args = ["--quick"] + (["--out", os.path.join(folder, out)] if out else [])
+    return run_script(script, *args, cwd=folder)
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory) -> tuple[dict, str, dict[str, Future]]:
+    """Every quick run, started at once (AT_ONCE at a time): the recorded figures before
+    them, their folder, and each script's run."""
+    before = recorded_figures()
+    folder = str(tmp_path_factory.mktemp("quick"))
+    pool = ThreadPoolExecutor(AT_ONCE)
+    runs = {s: pool.submit(quick_run, s, os.path.join(folder, s[:-3])) for s in LONGEST_FIRST}
+    yield before, folder, runs
+    pool.shutdown(cancel_futures=True)
+
+
 def test_every_benchmark_is_listed():
     scripts = {n for n in os.listdir(BENCHMARKS) if n.startswith("bench_") and n.endswith(".py")}
-    assert scripts == set(SCRIPTS)
+    assert scripts == set(SCRIPTS) == set(LONGEST_FIRST)
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_quick_mode_runs_whole_path(script, tmp_path):
-    if script == "bench_loader.py":
-        usage = run_script(script, "--help", cwd=str(tmp_path))
-        if "--quick" not in usage.stdout:
-            pytest.skip("bench_loader.py has no --quick yet (the lead adds it); runs once it does")
-    before = recorded_figures()
-    out = SCRIPTS[script]
-    args = ["--quick"] + (["--out", str(tmp_path / out)] if out else [])
-    done = run_script(script, *args, cwd=str(tmp_path))
+@pytest.mark.parametrize("script", LONGEST_FIRST)
+def test_quick_mode_runs_whole_path(script, quick_runs):
+    before, folder, runs = quick_runs
+    done = runs[script].result(timeout=len(LONGEST_FIRST) * TIMEOUT_S)
     assert done.returncode == 0, f"{script} --quick failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    out = SCRIPTS[script]
     if out:
-        assert written_json(str(tmp_path / out)), f"{script} wrote an empty result"
-    assert recorded_figures() == before, f"{script} --quick changed benchmarks/results/"
+        assert written_json(os.path.join(folder, script[:-3], out)), f"{script} wrote an empty result"
+    changed = sorted(n for n, digest in recorded_figures().items() if before.get(n) != digest)
+    assert not changed, f"a --quick run (this one: {script}, or one beside it) changed {changed}"
