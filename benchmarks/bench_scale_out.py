@@ -10,7 +10,8 @@
 2. the loader (CPU, 640 LSJ, U{0..19} pastes, 2 workers) on the same background and instance
    shards from local disk vs from a local S3-compatible server (moto, 127.0.0.1), the bank
    re-rooted onto the bucket, through the block cache (remote.py).
-Writes benchmarks/results/scale-out-cpu.json. `--quick`: 4 images per category, one run each,
+Writes benchmarks/results/scale-out-cpu.json. `--quick`: 4 images per category, one run each
+(Ray for pack-coco only),
 2 batches of 2 at 128 px of small demo data, in a temp folder; result in a temp file.
 """
 
@@ -38,7 +39,8 @@ EXECUTORS = (("1_workers", {"workers": 1}), ("2_workers", {"workers": 2}),
              ("ray_2_workers", {"executor": "ray", "workers": 2}))
 
 
-def stages(work: str, images_per_category: int, repeats: int = 2, scenes: dict | None = None) -> dict:
+def stages(work: str, images_per_category: int, repeats: int = 2, scenes: dict | None = None,
+           quick: bool = False) -> dict:
     """Every stage on every executor (Ray only when it is installed), same settings, fresh
     output folders; the fastest of `repeats` alternating runs of each is kept."""
     from xpaste_stream.bank import build_index
@@ -74,6 +76,8 @@ def stages(work: str, images_per_category: int, repeats: int = 2, scenes: dict |
                                   maxcount=scenes["maxcount"])
             record("pack_coco", name, lambda pack=pack, ex=ex: run_pack_coco(
                 pack, progress=False, executor=ex), "samples")
+            if quick and ex.executor == "ray":
+                continue  # --quick: Ray's path once (the stages' Ray runs are tests/test_scale_out.py's)
             gen = GenerateConfig(output=os.path.join(folder, "gen", "gen-{shard:06d}.tar"),
                                  num_categories=8, images_per_category=images_per_category,
                                  image_size=256, maxcount=100)
@@ -188,7 +192,8 @@ def main() -> int:
 def measure(args, repeats: int = 2, demo: dict | None = None) -> int:
     import json
 
-    figures = {**stages(args.workdir, args.images_per_category, repeats, args.scenes),
+    figures = {**stages(args.workdir, args.images_per_category, repeats, args.scenes,
+                        quick=demo is not None),
                **loader_local_vs_s3(args.workdir, args.batches, demo, args.size, args.batch_size)}
     rate = lambda name: figures[name].get("images_per_s", figures[name].get("instances_per_s"))  # noqa: E731
     ratios = {}
