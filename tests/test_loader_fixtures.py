@@ -147,3 +147,9 @@ def corrupt_instance_dataset(folder: str) -> tuple[list[str], str, set[int]]:
     opened = InstanceBank.open(bank)
     corrupt = {i for i in range(opened.num_instances) if jpeg_size(opened.read(i)["jpg"]) is None}
     return urls, bank, corrupt
+
+
+def fingerprint(batches) -> list:
+    """What identifies a run's batches: positions, plan ids and pixel sums (resume and
+    worker-loss tests compare runs by it)."""
+    return [(b.positions.tolist(), b.plan.ids.tolist(), b.images.sum().item()) for b in batches]

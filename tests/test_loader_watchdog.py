@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from test_loader_fixtures import make_dataset
+from test_loader_fixtures import fingerprint, make_dataset
 
 from xpaste_stream.loader import CopyPasteLoader, LoaderError, PasteConfig
 from xpaste_stream.loader.loader import _alive
@@ -39,10 +39,6 @@ def kill(pid: int, sig=signal.SIGKILL) -> None:
             if sig == signal.SIGSTOP and f.read().rsplit(")", 1)[1].split()[0] == "T":
                 return
         time.sleep(0.01)
-
-
-def fingerprint(batches) -> list:
-    return [(b.positions.tolist(), b.plan.ids.tolist(), b.images.sum().item()) for b in batches]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from test_loader_fixtures import make_dataset
+from test_loader_fixtures import fingerprint, make_dataset
 
 from xpaste_stream.loader import CopyPasteLoader, LoaderError, PasteConfig
 
@@ -54,10 +54,6 @@ def kill(pid: int) -> None:
     deadline = time.monotonic() + 10
     while not gone(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-def fingerprint(batches) -> list:
-    return [(b.positions.tolist(), b.plan.ids.tolist(), b.images.sum().item()) for b in batches]
 
 
 @pytest.fixture(scope="module")
